@@ -1,0 +1,16 @@
+"""Studies: ``python -m studies NAME [--quick] [--out DIR] [--device cpu|cuda] [--seed S]``.
+
+Each study writes tidy CSV (long format), PNG and PDF figures and ``run.json``
+into ``results/NAME/`` (or ``--out``).  :data:`STUDIES` maps a name to
+``(module, function, one-line description)``; modules are imported only when
+their study runs, so listing needs no heavy dependency.
+"""
+
+from ._core import StudyContext
+
+__all__ = ["STUDIES", "StudyContext"]
+
+#: name -> (module under ``studies``, function name, description)
+STUDIES: dict[str, tuple[str, str, str]] = {
+    "bench-samplers": ("bench_samplers", "run", "time HaarStiefel against orthogonal_, QR and scipy ortho_group"),
+}

@@ -1,0 +1,23 @@
+"""NumPy/SciPy mathematics of optimal low-rank stochastic gradient estimation.
+
+Imports nothing from :mod:`estimators` or :mod:`studies`.  Every closed form of
+``theory.md`` lives here once; samplers, estimators, studies and tests call it.
+"""
+
+from .moments import (
+    FAMILIES,
+    iid_second_moment,
+    isotropic_second_moment,
+    mse,
+    optimal_scale,
+    second_moment_matrix,
+)
+
+__all__ = [
+    "FAMILIES",
+    "iid_second_moment",
+    "isotropic_second_moment",
+    "mse",
+    "optimal_scale",
+    "second_moment_matrix",
+]
