@@ -12,6 +12,7 @@ from .moments import (
     optimal_scale,
     second_moment_matrix,
 )
+from . import testing
 
 __all__ = [
     "FAMILIES",
@@ -20,4 +21,5 @@ __all__ = [
     "mse",
     "optimal_scale",
     "second_moment_matrix",
+    "testing",
 ]
