@@ -12,6 +12,7 @@ from .projectors import (
     Rademacher,
     make_projector,
 )
+from .lowrank import LowRankLinear, convert, lowrank_layers, merge_all, resample_all
 
 __all__ = [
     "PROJECTORS",
@@ -21,4 +22,9 @@ __all__ = [
     "Projector",
     "Rademacher",
     "make_projector",
+    "LowRankLinear",
+    "convert",
+    "lowrank_layers",
+    "merge_all",
+    "resample_all",
 ]
