@@ -13,4 +13,5 @@ __all__ = ["STUDIES", "StudyContext"]
 #: name -> (module under ``studies``, function name, description)
 STUDIES: dict[str, tuple[str, str, str]] = {
     "bench-samplers": ("bench_samplers", "run", "time HaarStiefel against orthogonal_, QR and scipy ortho_group"),
+    "projector-moments": ("projector_moments", "run", "second-moment factor of each projector family against r/n"),
 }

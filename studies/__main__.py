@@ -1,39 +1,111 @@
-"""Command line: ``python -m studies`` lists; ``python -m studies NAME ...`` runs one."""
+"""Command line of the studies.
+
+``python -m studies`` lists the studies; ``python -m studies NAME [options]`` runs
+one; ``python -m studies all --quick`` runs every study in quick mode.  Results go
+to ``results/NAME/`` (``--out DIR``; with ``all``, ``DIR/NAME``): tidy CSV, PNG
+and PDF figures and ``run.json``.  Rerunning into the same folder resumes: units
+already written are skipped (``--fresh`` discards them instead).
+
+Examples::
+
+    python -m studies                                  # list
+    python -m studies projector-moments --quick        # one study, small settings
+    python -m studies mse-vs-samples --n-jobs 2        # full settings, 2 worker processes
+    python -m studies unbiasedness --quick --set n_reps=2000
+    python -m studies all --quick --out /tmp/res       # everything, minutes on a laptop
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from . import STUDIES
 from ._core import StudyContext
 
+__all__ = ["main", "run_study"]
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m studies", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m studies", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", nargs="?", help="study name, or 'all' for every study")
     p.add_argument("--quick", action="store_true", help="small settings: minutes on 2 CPU cores")
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/NAME)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
     p.add_argument("--seed", type=int, default=0, help="study seed (every unit's seed derives from it)")
-    p.add_argument("--n-jobs", type=int, default=1, help="joblib worker processes for replications")
+    p.add_argument("--n-jobs", type=int, default=None,
+                   help="joblib workers for the units (-1: all cores; default: joblib's active "
+                        "configuration, i.e. sequential unless run inside parallel_config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a study parameter (repeatable; lists comma-separated)")
+    p.add_argument("--fresh", action="store_true", help="discard earlier results in the output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
 
-def run_study(name: str, *, quick: bool, out: Path | None, device: str, seed: int,
-              n_jobs: int = 1, progress: bool = True) -> Path:
+def _parse_overrides(items) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--set expects NAME=VALUE, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", seed: int = 0,
+              n_jobs: int | None = None, progress: bool = True, overrides: dict | None = None,
+              fresh: bool = False) -> Path:
+    """Run one study and return the path of its ``run.json``.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`studies.STUDIES`.
+    quick : bool
+        Small settings.
+    out : path or None
+        Output folder (default ``results/NAME``).
+    device, seed, n_jobs, progress, overrides, fresh
+        See :class:`studies.StudyContext`.
+
+    Examples
+    --------
+    >>> import tempfile, json
+    >>> path = run_study("projector-moments", quick=True, out=tempfile.mkdtemp(), progress=False,
+    ...                  overrides={"n_reps": "200", "ranks": "1,2", "n": "4"})  # doctest: +SKIP
+    """
     if name not in STUDIES:
-        raise SystemExit(f"unknown study {name!r}; known: {', '.join(STUDIES)}")
+        raise ValueError(f"unknown study {name!r}; known: {', '.join(STUDIES)}")
     module, func, _ = STUDIES[name]
     fn = getattr(importlib.import_module(f"studies.{module}"), func)
     ctx = StudyContext(name=name, out=out or Path("results") / name, quick=quick, seed=seed,
-                       device=device, n_jobs=n_jobs, progress=progress)
+                       device=device, n_jobs=n_jobs, progress=progress,
+                       extra=dict(overrides or {}), fresh=fresh)
     fn(ctx)
     return ctx.finish()
+
+
+def _summarise(path: Path) -> str:
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return ""
+    checks = info.get("checks", [])
+    if not checks:
+        return ""
+    failed = [c for c in checks if not c.get("passed")]
+    line = f"{len(checks) - len(failed)}/{len(checks)} checks against theory passed"
+    for c in failed[:10]:
+        why = c.get("why") or c.get("detail") or ""
+        line += f"\n    not passed: {c['check']}" + (f" ({why})" if why else "")
+    return line
 
 
 def main(argv=None) -> int:
@@ -44,19 +116,43 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     if args.name is None:
-        print("studies (python -m studies NAME [--quick]):")
+        print("studies (python -m studies NAME [--quick] [--out DIR] [--seed S] [--n-jobs J]):")
         for name, (_, _, desc) in STUDIES.items():
             print(f"  {name:<20s} {desc}")
         print("  all                  every study above, in order")
         return 0
+    if args.name != "all" and args.name not in STUDIES:
+        print(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}, all", file=sys.stderr)
+        return 2
+    overrides = _parse_overrides(args.overrides)
     names = list(STUDIES) if args.name == "all" else [args.name]
+    failures = []
+    t_all = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
         out = (args.out / name) if (args.out is not None and args.name == "all") else args.out
-        path = run_study(name, quick=args.quick, out=out, device=args.device, seed=args.seed,
-                         n_jobs=args.n_jobs, progress=not args.no_progress)
+        try:
+            path = run_study(name, quick=args.quick, out=out, device=args.device, seed=args.seed,
+                             n_jobs=args.n_jobs, progress=not args.no_progress,
+                             overrides=overrides, fresh=args.fresh)
+        except KeyboardInterrupt:
+            print(f"[{name}] interrupted: rerun the same command to resume", file=sys.stderr)
+            return 130
+        except Exception:  # noqa: BLE001 - report, go on with the other studies
+            if args.name != "all":
+                raise
+            failures.append(name)
+            print(f"[{name}] FAILED after {time.perf_counter() - t0:.1f} s:", file=sys.stderr)
+            traceback.print_exc()
+            continue
         print(f"[{name}] done in {time.perf_counter() - t0:.1f} s -> {path.parent}", flush=True)
-    return 0
+        summary = _summarise(path)
+        if summary:
+            print(f"    {summary}", flush=True)
+    if args.name == "all":
+        print(f"[all] {len(names) - len(failures)}/{len(names)} studies done in "
+              f"{time.perf_counter() - t_all:.1f} s" + (f"; failed: {', '.join(failures)}" if failures else ""))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
