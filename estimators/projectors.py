@@ -153,8 +153,8 @@ class HaarStiefel(Projector):
     def _sample(self, batch_shape, generator, device, dtype):
         G = torch.randn(*batch_shape, self.n, self.r, generator=generator, device=device, dtype=dtype)
         Q, R = torch.linalg.qr(G)
+        # sign(diag R) is ±1 almost surely (a zero diagonal has probability zero)
         d = torch.diagonal(R, dim1=-2, dim2=-1).sign()
-        d = torch.where(d == 0, torch.ones_like(d), d)  # probability zero, kept for safety
         return Q.mul_(d.mul_(math.sqrt(self.c * self.n / self.r)).unsqueeze(-2))
 
 
