@@ -13,6 +13,7 @@ from .projectors import (
     make_projector,
 )
 from .lowrank import LowRankLinear, convert, lowrank_layers, merge_all, resample_all
+from .lazy import LazyUpdate
 
 __all__ = [
     "PROJECTORS",
@@ -27,4 +28,5 @@ __all__ = [
     "lowrank_layers",
     "merge_all",
     "resample_all",
+    "LazyUpdate",
 ]
