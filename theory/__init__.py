@@ -13,6 +13,9 @@ from .moments import (
     second_moment_matrix,
 )
 from . import testing
+from .optimal import *  # noqa: F401,F403  (issue 3: bounds, water-filling, duality)
+from .optimal import __all__ as _optimal_all
+from .functional import FunctionalResult, solve_functional
 
 __all__ = [
     "FAMILIES",
@@ -22,4 +25,7 @@ __all__ = [
     "optimal_scale",
     "second_moment_matrix",
     "testing",
+    *_optimal_all,
+    "FunctionalResult",
+    "solve_functional",
 ]
