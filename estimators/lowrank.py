@@ -34,6 +34,7 @@ from .projectors import PROJECTORS, Projector, make_projector
 __all__ = [
     "LowRankLinear",
     "lowrank_linear",
+    "lowrank_term",
     "convert",
     "lowrank_layers",
     "merge_all",
@@ -119,7 +120,9 @@ class _LowRankLinearFn(torch.autograd.Function):
         x3 = x.reshape(x.shape[0], -1, n) if batched else x.reshape(1, -1, n)
         xv = torch.matmul(x3, V)  # (N|1, T, r)
         low = torch.matmul(xv, B.transpose(-1, -2))  # (N|1, T, m)
-        y = torch.nn.functional.linear(x, weight, bias) + low.reshape(*x.shape[:-1], weight.shape[0])
+        low = low.reshape(*x.shape[:-1], B.shape[-2])
+        # weight None: only the low-rank term (B Vᵀ) x, added to a dense output computed elsewhere
+        y = low if weight is None else torch.nn.functional.linear(x, weight, bias) + low
         # Θ is frozen by design; if a caller unfreezes it, x must be kept to form its gradient
         need_w = ctx.needs_input_grad[1]
         ctx.batched = batched
@@ -135,13 +138,15 @@ class _LowRankLinearFn(torch.autograd.Function):
     def backward(ctx, g):
         saved = ctx.saved_tensors
         xv, weight, V, B = saved[:4]
-        m = weight.shape[0]
+        m = B.shape[-2]
         N = xv.shape[0]
         g3 = g.reshape(N, -1, m)
         grad_x = grad_w = grad_b = grad_B = None
         if ctx.needs_input_grad[0]:
             back = torch.matmul(torch.matmul(g3, B), V.transpose(-1, -2))  # (N|1, T, n)
-            grad_x = torch.matmul(g, weight) + back.reshape(ctx.x_shape)
+            grad_x = back.reshape(ctx.x_shape)
+            if weight is not None:
+                grad_x = grad_x + torch.matmul(g, weight)
         if ctx.need_w:
             x = saved[4]
             grad_w = g.reshape(-1, m).T @ x.reshape(-1, x.shape[-1])
@@ -152,6 +157,18 @@ class _LowRankLinearFn(torch.autograd.Function):
             if B.dim() == 2:
                 grad_B = grad_B.sum(0)
         return grad_x, grad_w, grad_b, None, grad_B
+
+
+def lowrank_term(x, V, B) -> torch.Tensor:
+    r"""Only the low-rank term ``(xV)Bᵀ`` of :func:`lowrank_linear`, saving only ``xV``.
+
+    Added to the output of a dense layer whose weight does not require grad,
+    it gives the reparametrisation ``Θ + BVᵀ`` without storing ``x``:
+    ``∂L/∂B = gᵀ(xV)``, ``∂L/∂x = (gB)Vᵀ``.  Shapes as in :func:`lowrank_linear`.
+    """
+    if V.shape[-1] != B.shape[-1] or x.shape[-1] != V.shape[-2]:
+        raise ValueError(f"shape mismatch: x.shape={tuple(x.shape)}, V.shape={tuple(V.shape)}, B.shape={tuple(B.shape)}")
+    return _LowRankLinearFn.apply(x, None, None, V, B)
 
 
 def lowrank_linear(x, weight, bias, V, B) -> torch.Tensor:
