@@ -14,6 +14,7 @@ from .projectors import (
 )
 from .lowrank import LowRankLinear, convert, lowrank_layers, merge_all, resample_all
 from .lazy import LazyUpdate
+from .instance import InstanceDependent
 
 __all__ = [
     "PROJECTORS",
@@ -29,4 +30,5 @@ __all__ = [
     "merge_all",
     "resample_all",
     "LazyUpdate",
+    "InstanceDependent",
 ]
