@@ -169,6 +169,23 @@ def _coordinate_atoms(B, r, c):
     return [B[:, list(J)] * scale for J in subsets]
 
 
+def _polish_diagonal_dual(lam0, sigma, r, c):
+    """Ascend the concave dual ``c Σλ − ¼ top_r(λ²/σ)`` over multipliers commuting with S.
+
+    Any ``Λ`` gives a valid bound, so this only tightens the certificate.
+    """
+
+    def neg(lam):
+        q = lam**2 / sigma
+        top = np.argsort(-q)[:r]
+        g = np.full(lam.size, -c)
+        g[top] += 0.5 * lam[top] / sigma[top]
+        return -(c * lam.sum() - 0.25 * q[top].sum()), g
+
+    opt = minimize(neg, lam0, jac=True, method="L-BFGS-B", options={"maxiter": 30})
+    return opt.x if opt.fun <= neg(lam0)[0] else lam0
+
+
 # --------------------------------------------------------------------------- solver
 def solve_functional(S, r, c=1.0, *, max_iter=300, tol=1e-8, init="eigen", n_starts=4,
                      max_new=64, ridge=None, rng=None) -> FunctionalResult:
@@ -272,7 +289,7 @@ def solve_functional(S, r, c=1.0, *, max_iter=300, tol=1e-8, init="eigen", n_sta
         [list(np.argsort(-sigma)[:r])]
     n_local = 3
     n_local_searches = 0
-    best_lb, Lam_center = -np.inf, np.zeros((n, n))
+    best_lb, Lam_center, lam_p = -np.inf, np.zeros((n, n)), None
     history = []
     converged = pricing_exact = False
     it = 0
@@ -287,10 +304,13 @@ def solve_functional(S, r, c=1.0, *, max_iter=300, tol=1e-8, init="eigen", n_sta
         Lam[iu] = y[:-1] * rw / np.where(rw > 1, 2.0, 1.0)
         Lam = Lam + np.triu(Lam, 1).T
         mu = float(y[-1])
-        # certified bound at Λ and at its projection onto the matrices commuting with S
+        # certified bound at Λ, at its projection onto the matrices commuting with S,
+        # and after a dual ascent from that projection
         lt = np.diag(Q.T @ Lam @ Q)
         Lam_d = (Q * lt) @ Q.T
-        for L in (Lam, Lam_d):
+        lam_p = _polish_diagonal_dual(lt if lam_p is None else 0.5 * (lt + lam_p), sigma, r, c)
+        Lam_p = (Q * lam_p) @ Q.T
+        for L in (Lam, Lam_d, Lam_p):
             lb = lagrangian_lower_bound(S, r, L, c)
             if lb > best_lb:
                 best_lb, Lam_center = lb, L
