@@ -37,7 +37,7 @@ from ._checks import check_generator
 from .lowrank import LowRankLinear, lowrank_layers
 from .projectors import Projector
 
-__all__ = ["LazyUpdate"]
+__all__ = ["LazyUpdate", "InstanceDependentFactory"]
 
 _STATES = ("reset", "carry")
 _V_STORAGE = ("buffer", "seed")
@@ -84,7 +84,11 @@ class LazyUpdate:
         merge for each low-rank layer and the new ``V`` is drawn from the
         Projector it returns (``n = layer.in_features``, ``r = layer.rank``).
         This is how a per-layer, instance-dependent design built from an
-        estimated second moment plugs in.  ``None`` keeps each layer's own
+        estimated second moment plugs in (:class:`InstanceDependentFactory`).
+        If the factory has a method ``observe(name, layer, grad_B, V)`` it is
+        called before every inner step with each layer's gradient in ``B``; if
+        it has ``state_dict``/``load_state_dict`` its state is checkpointed
+        with the optimiser's.  ``None`` keeps each layer's own
         ``layer.projector``.
     generator : torch.Generator, optional
         Source of every random draw (new ``V``'s and, unless the estimator's
@@ -100,8 +104,7 @@ class LazyUpdate:
         draw (a QR for Haar–Stiefel) per layer and step.  Outside a step,
         ``layer.V`` is then an empty ``(0, r)`` tensor: read :meth:`current_V`.
         Build the optimiser before loading a model checkpoint saved in this mode.
-        With a ``projector_factory`` the seeds are redrawn through the layer's
-        latest projector, which a checkpoint does not hold.
+        Not available with a ``projector_factory``.
     exclude : iterable of nn.Parameter, optional
         Trainable parameters the inner optimiser must not own.
     check_finite : bool, default True
@@ -172,6 +175,11 @@ class LazyUpdate:
                 f"got {type(projector_factory).__name__}"
             )
         self.projector_factory = projector_factory
+        if projector_factory is not None and self.v_storage == "seed":
+            raise ValueError(
+                "v_storage='seed' regenerates V from a seed and the layer's projector, which a projector_factory "
+                "replaces at every merge (and a checkpoint cannot hold): use v_storage='buffer' with a factory"
+            )
         generator = check_generator(generator)
         self.generator = generator if generator is not None else _fresh_generator()
         if not isinstance(check_finite, bool):
@@ -332,6 +340,11 @@ class LazyUpdate:
         The inner optimiser's return value (the closure's loss, or ``None``).
         """
         self._check_grads()
+        observe = getattr(self.projector_factory, "observe", None)
+        if observe is not None:
+            for name, layer in self._layers:
+                if layer.B.grad is not None:
+                    observe(name, layer, layer.B.grad, layer.V)
         out = self.inner.step() if closure is None else self.inner.step(closure)
         self.steps += 1
         self._k += 1
@@ -455,6 +468,8 @@ class LazyUpdate:
             out["seeds"] = dict(self._seeds)
         else:
             out["V"] = {name: layer.V.detach().clone() for name, layer in self._layers}
+        if hasattr(self.projector_factory, "state_dict"):
+            out["factory"] = self.projector_factory.state_dict()
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -480,6 +495,8 @@ class LazyUpdate:
                 f"this optimiser has K={self.K}, state={self.state!r}"
             )
         self.inner.load_state_dict(state_dict["inner"])
+        if "factory" in state_dict and hasattr(self.projector_factory, "load_state_dict"):
+            self.projector_factory.load_state_dict(state_dict["factory"])
         self.steps = int(state_dict["steps"])
         self.merges = int(state_dict["merges"])
         self._k = int(state_dict["k"])
@@ -506,6 +523,81 @@ class LazyUpdate:
     def __repr__(self) -> str:
         return (f"LazyUpdate(inner={type(self.inner).__name__}, K={self.K}, state={self.state!r}, "
                 f"v_storage={self.v_storage!r}, layers={len(self._layers)}, steps={self.steps})")
+
+
+class InstanceDependentFactory:
+    r"""A ``projector_factory`` drawing each new ``V`` from the instance-dependent optimal design.
+
+    Keeps, per low-rank layer, the last ``window`` lifted gradient estimates
+    ``ĝ_k = G_{B,k} V_kᵀ`` (``m×n``) seen by :class:`LazyUpdate`, and at each merge
+    builds :meth:`estimators.instance.InstanceDependent.from_gradients` from them
+    with a uniform ``floor`` (that class's recommendation for an estimated second
+    moment: every direction keeps ``π_i >= floor · r/n``, so ``E[VVᵀ] = cI`` holds
+    on the whole space and the estimator stays unbiased).
+
+    Parameters
+    ----------
+    window : int, default 8
+        Number of recent gradients per layer (across subspaces).
+    floor : float in (0, 1], default 0.1
+        Uniform mixing weight of the inclusion probabilities.
+    c : float, default 1.0
+        Isotropy constant of the design.
+
+    Notes
+    -----
+    The estimate of ``S = E[GᵀG]`` is ``Ŝ = window⁻¹ Σ_k ĝ_kᵀ ĝ_k``: each
+    ``ĝ_k`` lies in the span of its own ``V_k``, so ``Ŝ`` is built from at most
+    ``window·r`` directions and is stale by up to ``window`` steps.  Until a layer
+    has an observation its own projector is used.  Memory: ``window·m·n`` numbers
+    per layer (as much as ``window`` dense gradients); time: one SVD of a
+    ``(window·m)×n`` matrix per layer and merge.  Whether this beats Haar–Stiefel
+    on a given model is an empirical question (theory.md §5); it is provided so
+    that it can be measured.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from estimators.lowrank import convert
+    >>> g = torch.Generator().manual_seed(0)
+    >>> net = convert(nn.Linear(6, 2), rank=2, generator=g)
+    >>> opt = LazyUpdate(net, inner=torch.optim.SGD, inner_kwargs={"lr": 0.1}, K=2, generator=g,
+    ...                  projector_factory=InstanceDependentFactory(window=4))
+    >>> x = torch.randn(8, 6, generator=g)
+    >>> for _ in range(2):
+    ...     net(x).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+    >>> type(net.projector).__name__
+    'InstanceDependent'
+    """
+
+    def __init__(self, *, window=8, floor=0.1, c=1.0):
+        self.window = check_int(window, "window", minimum=1)
+        self.floor = check_positive(floor, "floor")
+        if self.floor > 1.0:
+            raise ValueError(f"`floor` must be in (0, 1], got floor={floor}")
+        self.c = check_positive(c, "c")
+        self._grads: dict[str, list[torch.Tensor]] = {}
+
+    def observe(self, name, layer, grad_B, V) -> None:
+        """Record the lifted gradient ``grad_B Vᵀ`` of layer ``name``."""
+        buf = self._grads.setdefault(name, [])
+        buf.append((grad_B.detach() @ V.detach().T).to("cpu", torch.float64))
+        del buf[:-self.window]
+
+    def __call__(self, name, layer) -> Projector:
+        from .instance import InstanceDependent
+
+        buf = self._grads.get(name)
+        if not buf:
+            return layer.projector
+        return InstanceDependent.from_gradients(torch.stack(buf), layer.rank, c=self.c, floor=self.floor)
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "grads": {k: torch.stack(v) for k, v in self._grads.items() if v}}
+
+    def load_state_dict(self, state_dict) -> None:
+        self._grads = {k: list(v.unbind(0)) for k, v in state_dict["grads"].items()}
 
 
 def _estimator(method) -> Callable:
