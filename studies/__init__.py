@@ -14,4 +14,5 @@ __all__ = ["STUDIES", "StudyContext"]
 STUDIES: dict[str, tuple[str, str, str]] = {
     "bench-samplers": ("bench_samplers", "run", "time HaarStiefel against orthogonal_, QR and scipy ortho_group"),
     "projector-moments": ("projector_moments", "run", "second-moment factor of each projector family against r/n"),
+    "functional": ("functional", "run", "functional optimisation (column generation) vs water-filling; instance-dependent MSE gain"),
 }
