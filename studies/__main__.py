@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                    help="override a study parameter (repeatable; lists comma-separated)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in the output folder")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of this process (default: 1 with --quick, whose tiny "
+                        "models run fastest single-threaded; torch's default otherwise)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -61,7 +64,7 @@ def _parse_overrides(items) -> dict[str, str]:
 
 def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", seed: int = 0,
               n_jobs: int | None = None, progress: bool = True, overrides: dict | None = None,
-              fresh: bool = False) -> Path:
+              fresh: bool = False, threads: int | None = None) -> Path:
     """Run one study and return the path of its ``run.json``.
 
     Parameters
@@ -74,6 +77,8 @@ def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", 
         Output folder (default ``results/NAME``).
     device, seed, n_jobs, progress, overrides, fresh
         See :class:`studies.StudyContext`.
+    threads : int, optional
+        ``torch.set_num_threads`` for the duration of the study (restored after).
 
     Examples
     --------
@@ -88,7 +93,18 @@ def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", 
     ctx = StudyContext(name=name, out=out or Path("results") / name, quick=quick, seed=seed,
                        device=device, n_jobs=n_jobs, progress=progress,
                        extra=dict(overrides or {}), fresh=fresh)
-    fn(ctx)
+    if threads is None:
+        fn(ctx)
+        return ctx.finish()
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    ctx.record_config(torch_threads=int(threads))
+    try:
+        fn(ctx)
+    finally:
+        torch.set_num_threads(before)
     return ctx.finish()
 
 
@@ -125,6 +141,9 @@ def main(argv=None) -> int:
         print(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}, all", file=sys.stderr)
         return 2
     overrides = _parse_overrides(args.overrides)
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None and threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
     names = list(STUDIES) if args.name == "all" else [args.name]
     failures = []
     t_all = time.perf_counter()
@@ -134,7 +153,7 @@ def main(argv=None) -> int:
         try:
             path = run_study(name, quick=args.quick, out=out, device=args.device, seed=args.seed,
                              n_jobs=args.n_jobs, progress=not args.no_progress,
-                             overrides=overrides, fresh=args.fresh)
+                             overrides=overrides, fresh=args.fresh, threads=threads)
         except KeyboardInterrupt:
             print(f"[{name}] interrupted: rerun the same command to resume", file=sys.stderr)
             return 130

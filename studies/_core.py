@@ -138,6 +138,13 @@ def _fmt(value):
     return value
 
 
+def _plain(value):
+    """numpy scalars as Python ones (for JSON)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def _key_str(value) -> str:
     """How a key value reads back from the CSV."""
     return str(_fmt(value))
@@ -244,7 +251,7 @@ class StudyContext:
 
     def add_check(self, name: str, passed: bool, **detail) -> None:
         """Record the outcome of a check of the results against theory (in ``run.json``)."""
-        self._checks.append({"check": name, "passed": bool(passed), **{k: _fmt(v) for k, v in detail.items()}})
+        self._checks.append({"check": name, "passed": bool(passed), **{k: _plain(v) for k, v in detail.items()}})
 
     @property
     def checks(self) -> list[dict[str, Any]]:
@@ -376,7 +383,8 @@ class StudyContext:
         units : iterable of dict
             Each unit's parameters; must include ``{col: value for col in
             key_columns}`` and may carry more (passed to ``fn``, and part of the
-            unit's seed).
+            unit's seed, except entries whose name starts with ``_``, such as a
+            path that differs between output folders).
         fn : callable
             ``fn(unit: dict, seed: int) -> list[dict]``: the rows of one unit; each
             row holds every column, and the unit's key values.  Must be a
@@ -454,7 +462,9 @@ class StudyContext:
         return rows
 
     def _map(self, fn, todo):
-        seeds = [unit_seed(self.seed, tuple(str(v) for v in u.values())) for u in todo]
+        # keys starting with "_" (paths, handles) do not enter the seed
+        seeds = [unit_seed(self.seed, tuple(str(v) for k, v in u.items() if not str(k).startswith("_")))
+                 for u in todo]
         n_jobs = self.n_jobs
         if n_jobs is None:
             from joblib.parallel import get_active_backend
