@@ -14,6 +14,7 @@ __all__ = ["STUDIES", "StudyContext"]
 STUDIES: dict[str, tuple[str, str, str]] = {
     "bench-samplers": ("bench_samplers", "run", "time HaarStiefel against orthogonal_, QR and scipy ortho_group"),
     "projector-moments": ("projector_moments", "run", "second-moment factor of each projector family against r/n"),
+    "memory": ("memory", "run", "peak memory of one training step: full backprop, GaLore, MeZO, LR and our low-rank IPA/LR/ZO"),
     "unbiasedness": ("unbiasedness", "run", "every method x projector x mode tested for E[g] = grad (Holm-corrected)"),
     "mse-vs-samples": ("mse_vs_samples", "run", "the paper's Figures 2-5: MSE against N, Monte Carlo beside theory.mse"),
     "functional": ("functional", "run", "functional optimisation (column generation) vs water-filling; instance-dependent MSE gain"),

@@ -123,3 +123,54 @@ def test_errors():
         from_pretrained("roberta_large", task="masked-lm")
     with pytest.raises(TypeError, match="model"):
         block_linear_names("not a model")
+
+
+# ---------------------------------------------------------------- the memory study's worker
+MICRO = {"kind": "roberta", "shape": "roberta_large",
+         "overrides": {"vocab_size": 50, "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+                       "num_attention_heads": 2, "max_position_embeddings": 40}}
+
+
+def test_memory_worker_in_process():
+    from studies._memory_worker import measure
+
+    threads = torch.get_num_threads()
+    res = {}
+    try:
+        for method in ("full_bp", "galore", "mezo", "ipa_lowrank", "zo_lowrank"):
+            spec = {"model": MICRO, "method": method, "rank": 4, "batch": 2, "seq_len": 16, "dtype": "float32",
+                    "device": "cpu", "seed": 0, "steps": 2, "threads": threads}
+            res[method] = measure(spec)
+    finally:
+        torch.set_num_threads(threads)
+    for method, r in res.items():
+        assert r["state_bytes"] == r["weight_bytes"] + r["grad_bytes"] + r["opt_bytes"], method
+        assert r["peak_bytes"] >= 0 and r["step_s"] > 0 and len(r["losses"]) == 2
+    full, ipa = res["full_bp"], res["ipa_lowrank"]
+    assert 0.95 * full["weight_bytes"] < full["grad_bytes"] <= full["weight_bytes"]  # weights include buffers
+    assert full["opt_bytes"] >= 2 * full["grad_bytes"]  # AdamW: two moments per parameter
+    assert res["galore"]["opt_bytes"] < full["opt_bytes"]
+    assert 0 < ipa["saved_bytes"] < full["saved_bytes"]
+    assert ipa["grad_bytes"] < full["grad_bytes"] / 2
+    for method in ("mezo", "zo_lowrank"):
+        assert res[method]["saved_bytes"] == 0
+    assert res["mezo"]["grad_bytes"] == 0 and res["mezo"]["opt_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_memory_study_quick(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "memory"
+    subprocess.run([sys.executable, "-m", "studies", "memory", "--quick", "--out", str(out), "--no-progress"],
+                   check=True, cwd=Path(__file__).resolve().parent.parent, capture_output=True)
+    rows = list(csv.DictReader((out / "memory.csv").open()))
+    assert list(rows[0]) == ["model", "method", "rank", "batch", "seq_len", "dtype", "device",
+                             "peak_bytes", "saved_bytes", "state_bytes", "step_s"]
+    assert [r["method"] for r in rows] == ["full_bp", "galore", "mezo", "lr_full", "ipa_lowrank", "lr_lowrank",
+                                           "zo_lowrank"]
+    assert all(int(r["peak_bytes"]) > 0 for r in rows)
+    for name in ("memory_breakdown.csv", "memory_table.md", "memory.png", "run.json"):
+        assert (out / name).exists()
