@@ -116,6 +116,8 @@ class LazyUpdate:
     inner : torch.optim.Optimizer
         The inner optimiser (attach LR schedulers to it).
     K : int
+    state_policy : str
+        ``"reset"`` or ``"carry"`` (the ``state`` argument).
     steps : int
         Inner steps taken so far.
     merges : int
@@ -167,7 +169,7 @@ class LazyUpdate:
                 "e.g. estimators.lowrank.convert(model, rank=8)"
             )
         self.K = check_int(K, "K", minimum=1)
-        self.state = check_choice(state, "state", _STATES)
+        self.state_policy = check_choice(state, "state", _STATES)
         self.v_storage = check_choice(v_storage, "v_storage", _V_STORAGE)
         if projector_factory is not None and not callable(projector_factory):
             raise TypeError(
@@ -306,7 +308,13 @@ class LazyUpdate:
     # ------------------------------------------------------------------ optimiser interface
     @property
     def param_groups(self):
+        """The inner optimiser's parameter groups."""
         return self.inner.param_groups
+
+    @property
+    def state(self):
+        """The inner optimiser's per-parameter state (as ``torch.optim.Optimizer.state``)."""
+        return self.inner.state
 
     @property
     def layer_names(self) -> list[str]:
@@ -379,7 +387,7 @@ class LazyUpdate:
                 self._seeds[name] = self._draw_seed()
             else:
                 layer.resample(generator=self.generator)
-            if self.state == "reset":
+            if self.state_policy == "reset":
                 self.inner.state.pop(layer.B, None)
         self._k = 0
         self.merges += 1
@@ -459,7 +467,7 @@ class LazyUpdate:
             "merges": self.merges,
             "k": self._k,
             "K": self.K,
-            "state": self.state,
+            "state": self.state_policy,
             "v_storage": self.v_storage,
             "generator": self.generator.get_state(),
             "layers": self.layer_names,
@@ -489,10 +497,10 @@ class LazyUpdate:
                 f"`state_dict` was saved with v_storage={state_dict['v_storage']!r}, this optimiser uses "
                 f"v_storage={self.v_storage!r}"
             )
-        if int(state_dict["K"]) != self.K or state_dict["state"] != self.state:
+        if int(state_dict["K"]) != self.K or state_dict["state"] != self.state_policy:
             raise ValueError(
                 f"`state_dict` was saved with K={state_dict['K']}, state={state_dict['state']!r}; "
-                f"this optimiser has K={self.K}, state={self.state!r}"
+                f"this optimiser has K={self.K}, state={self.state_policy!r}"
             )
         self.inner.load_state_dict(state_dict["inner"])
         if "factory" in state_dict and hasattr(self.projector_factory, "load_state_dict"):
@@ -521,7 +529,7 @@ class LazyUpdate:
             self.v_storage = "buffer"
 
     def __repr__(self) -> str:
-        return (f"LazyUpdate(inner={type(self.inner).__name__}, K={self.K}, state={self.state!r}, "
+        return (f"LazyUpdate(inner={type(self.inner).__name__}, K={self.K}, state={self.state_policy!r}, "
                 f"v_storage={self.v_storage!r}, layers={len(self._layers)}, steps={self.steps})")
 
 

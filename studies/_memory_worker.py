@@ -1,7 +1,13 @@
-"""One memory measurement in a fresh process: ``python -m studies._memory_worker '<json spec>'``.
+"""Memory measurements in fresh processes, for :mod:`studies.memory`.
 
-Run by :mod:`studies.memory`, one process per (model, method), so that each
-peak is measured from a clean heap.  The spec (JSON) holds ``model`` (a shape
+* ``python -m studies._memory_worker '<json spec>'``: import, measure one spec,
+  print the result (a new interpreter per measurement: ``--set launcher=spawn``);
+* ``python -m studies._memory_worker --serve``: import once, then for each spec
+  read from stdin (one JSON per line) fork a child that measures it and prints
+  the result (the default: the imports, 20 s on a loaded 2-core machine, are
+  paid once; the server itself runs no torch operation, so forking is safe).
+
+Either way each measurement runs in its own process from a clean heap.  The spec (JSON) holds ``model`` (a shape
 name and overrides), ``method``, ``rank``, ``batch``, ``seq_len``, ``dtype``,
 ``device``, ``seed``, ``steps`` and ``threads``.  The process prints one line
 ``MEMORY-RESULT {json}`` with:
@@ -9,7 +15,9 @@ name and overrides), ``method``, ``rank``, ``batch``, ``seq_len``, ``dtype``,
 * ``peak_bytes``: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
   peak resident set (``VmHWM`` of ``/proc/self/status``, reset through
   ``/proc/self/clear_refs`` after the imports) minus the resident set at that
-  moment (``baseline_bytes``);
+  moment (``baseline_bytes``); :mod:`studies.memory` starts the workers with
+  glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so that freed tensors leave
+  the resident set at once;
 * ``saved_bytes``: bytes of the tensors autograd saved for backward during the
   first step (``torch.autograd.graph.saved_tensors_hooks``; each storage counted
   once, parameters and buffers excluded since they are not copies);
