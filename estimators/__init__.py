@@ -15,6 +15,7 @@ from .projectors import (
 from .lowrank import LowRankLinear, convert, lowrank_layers, merge_all, resample_all
 from .lazy import LazyUpdate
 from .instance import InstanceDependent
+from .estimate import METHODS, estimate  # the function shadows the submodule name; import helpers from estimators.estimate
 
 __all__ = [
     "PROJECTORS",
@@ -31,4 +32,6 @@ __all__ = [
     "resample_all",
     "LazyUpdate",
     "InstanceDependent",
+    "METHODS",
+    "estimate",
 ]

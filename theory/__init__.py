@@ -16,6 +16,7 @@ from . import testing
 from .optimal import *  # noqa: F401,F403  (issue 3: bounds, water-filling, duality)
 from .optimal import __all__ as _optimal_all
 from .functional import FunctionalResult, solve_functional
+from .estimator_moments import trace_weighted_moment, zo_second_moment
 
 __all__ = [
     "FAMILIES",
@@ -28,4 +29,6 @@ __all__ = [
     *_optimal_all,
     "FunctionalResult",
     "solve_functional",
+    "trace_weighted_moment",
+    "zo_second_moment",
 ]
