@@ -82,7 +82,7 @@ def _solver_unit(unit, seed):
                  pricing_exact=res.pricing_exact, ridge=res.ridge, wall_s=wall)]
 
 
-def _gain_unit(unit, seed, *, n_reps, m=4, device="cpu"):
+def _gain_unit(unit, seed, *, n_reps, m=4, device="cpu", chunk=1000):
     import torch
 
     from estimators import HaarStiefel, InstanceDependent
@@ -99,10 +99,14 @@ def _gain_unit(unit, seed, *, n_reps, m=4, device="cpu"):
     gain = theory.instance_dependent_gain(sigma, r)
     rows = []
     for name, P in designs.items():
-        Z = torch.randn(n_reps, m, n, generator=gen, dtype=torch.float64, device=device)
-        G = Z @ root / math.sqrt(m)
-        V = P.sample(batch_shape=(n_reps,), generator=gen, dtype=torch.float64, device=device)
-        err = ((G @ V) @ V.mT).pow(2).sum((-1, -2)).cpu().numpy()
+        errs = []
+        for start in range(0, n_reps, chunk):  # bounded memory: chunk × n × r at a time
+            k = min(chunk, n_reps - start)
+            Z = torch.randn(k, m, n, generator=gen, dtype=torch.float64, device=device)
+            G = Z @ root / math.sqrt(m)
+            V = P.sample(batch_shape=(k,), generator=gen, dtype=torch.float64, device=device)
+            errs.append(((G @ V) @ V.mT).pow(2).sum((-1, -2)).cpu().numpy())
+        err = np.concatenate(errs)
         rows.append(dict(unit, projector=name, mse_theory=theory.mse(S, grad, P.second_moment().numpy()),
                          mse=float(err.mean()), mse_se=float(err.std(ddof=1) / math.sqrt(n_reps)),
                          n_reps=n_reps, gain_theory=gain))
