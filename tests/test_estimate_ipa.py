@@ -209,3 +209,35 @@ def test_mse_matches_theory(ex1, family, mode, gen):
     # power: MUTANT that ignores `share_projection` (the other mode's estimator) against this mode's theory
     mut = _reps(model, pop, gen, R_UNB, N_MSE, projector=family, rank=RANK, share_projection=not share)
     assert mean_test(((mut - truth) ** 2).sum(dim=(1, 2)), np.asarray(expected)).pvalue < ALPHA
+
+
+# ----------------------------------------------------------------------------- the instance-dependent projector plugs in
+def test_instance_dependent_projector_plugs_in(ex1, gen):
+    from estimators import InstanceDependent
+
+    model, pop, truth = ex1
+    S = pop.second_moment(model, squared_loss, "fc.weight")
+    P = InstanceDependent(S, RANK)
+    est = _reps(model, pop, gen, R_UNB, N_MSE, projector=lambda n: P, share_projection=False)
+    assert unbiasedness_test(est, truth).pvalue > ALPHA
+    expected = theory.mse(S.numpy(), truth.numpy(), P.second_moment().numpy(), n_samples=N_MSE, mode="independent")
+    err = ((est - truth) ** 2).sum(dim=(1, 2))
+    assert mean_test(err, np.asarray(expected)).pvalue > ALPHA
+    # power: a frozen subspace is biased
+    mut = _reps(model, pop, gen, R_UNB, N_MSE, projector=lambda n: FixedSubspace(n, RANK), share_projection=False)
+    assert unbiasedness_test(mut, truth).pvalue < ALPHA
+    # power: MUTANT ignoring share_projection=False, against the independent-mode MSE
+    mut = _reps(model, pop, gen, R_UNB, N_MSE, projector=lambda n: P, share_projection=True)
+    assert mean_test(((mut - truth) ** 2).sum(dim=(1, 2)), np.asarray(expected)).pvalue < ALPHA
+
+
+@pytest.mark.parametrize("method", ["ipa", "lr", "zo"])
+def test_float32_estimates(method):
+    g = torch.Generator().manual_seed(9)
+    net = MLP([6, 5, 3], dtype=torch.float32, generator=g)
+    X, Y = torch.randn(7, 6, generator=g), torch.randn(7, 3, generator=g)
+    for share in (True, False):
+        est = estimate(net, squared_loss, (X, Y), method=method, projector="haar", rank=2, share_projection=share,
+                       generator=g)
+        assert all(v.dtype == torch.float32 and v.shape == p.shape
+                   for (k, v), p in zip(sorted(est.items()), (net.net[0].weight, net.net[2].weight)))
