@@ -1,9 +1,10 @@
 """Command line of the studies.
 
-``python -m studies`` lists the studies; ``python -m studies NAME [options]`` runs
-one; ``python -m studies all --quick`` runs every study in quick mode.  Results go
-to ``results/NAME/`` (``--out DIR``; with ``all``, ``DIR/NAME``): tidy CSV, PNG
-and PDF figures and ``run.json``.  Rerunning into the same folder resumes: units
+``python -m studies`` lists the studies; ``python -m studies NAME [NAME ...] [options]``
+runs them; ``python -m studies all --quick`` runs every study in quick mode.  Results
+go to ``results/NAME/`` (``--out DIR``; with several studies, ``DIR/NAME``): tidy CSV,
+PNG and PDF figures and ``run.json``.  With several studies a failing one is
+reported and the others still run (exit status 1).  Rerunning into the same folder resumes: units
 already written are skipped (``--fresh`` discards them instead).
 
 Examples::
@@ -13,6 +14,7 @@ Examples::
     python -m studies mse-vs-samples --n-jobs 2        # full settings, 2 worker processes
     python -m studies unbiasedness --quick --set n_reps=2000
     python -m studies all --quick --out /tmp/res       # everything, minutes on a laptop
+    python -m studies projector-moments --quick --figures docs/figures   # refresh a README figure
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from pathlib import Path
 from . import STUDIES
 from ._core import StudyContext
 
-__all__ = ["main", "run_study"]
+__all__ = ["main", "run_study", "export_figures"]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", nargs="?", help="study name, or 'all' for every study")
+    p.add_argument("names", nargs="*", metavar="NAME", help="study names, or 'all' for every study")
     p.add_argument("--quick", action="store_true", help="small settings: minutes on 2 CPU cores")
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/NAME)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of this process (default: 1 with --quick, whose tiny "
                         "models run fastest single-threaded; torch's default otherwise)")
+    p.add_argument("--figures", type=Path, default=None, metavar="DIR",
+                   help="also copy each study's PNG figures, downscaled, into DIR (e.g. docs/figures)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -108,6 +112,29 @@ def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", 
     return ctx.finish()
 
 
+def export_figures(study_dir: Path, dest: Path, *, max_width: int = 1000) -> list[Path]:
+    """Copy the PNG figures of a study folder into ``dest``, downscaled to ``max_width`` pixels.
+
+    The small copies are what the README's tour shows (``docs/figures``).
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for png in sorted(Path(study_dir).glob("*.png")):
+        target = dest / png.name
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - Pillow ships with matplotlib
+            target.write_bytes(png.read_bytes())
+        else:
+            with Image.open(png) as im:
+                if im.width > max_width:
+                    im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
+                im.save(target, optimize=True)
+        written.append(target)
+    return written
+
+
 def _summarise(path: Path) -> str:
     try:
         info = json.loads(Path(path).read_text())
@@ -131,25 +158,27 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    if args.name is None:
+    if not args.names:
         print("studies (python -m studies NAME [--quick] [--out DIR] [--seed S] [--n-jobs J]):")
         for name, (_, _, desc) in STUDIES.items():
             print(f"  {name:<20s} {desc}")
         print("  all                  every study above, in order")
         return 0
-    if args.name != "all" and args.name not in STUDIES:
-        print(f"unknown study {args.name!r}; known: {', '.join(STUDIES)}, all", file=sys.stderr)
+    unknown = [n for n in args.names if n != "all" and n not in STUDIES]
+    if unknown:
+        print(f"unknown study {unknown[0]!r}; known: {', '.join(STUDIES)}, all", file=sys.stderr)
         return 2
+    several = len(args.names) > 1 or args.names == ["all"]
+    names = list(STUDIES) if "all" in args.names else list(dict.fromkeys(args.names))
     overrides = _parse_overrides(args.overrides)
     threads = args.threads if args.threads is not None else (1 if args.quick else None)
     if threads is not None and threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {threads}")
-    names = list(STUDIES) if args.name == "all" else [args.name]
     failures = []
     t_all = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
-        out = (args.out / name) if (args.out is not None and args.name == "all") else args.out
+        out = (args.out / name) if (args.out is not None and several) else args.out
         try:
             path = run_study(name, quick=args.quick, out=out, device=args.device, seed=args.seed,
                              n_jobs=args.n_jobs, progress=not args.no_progress,
@@ -158,17 +187,20 @@ def main(argv=None) -> int:
             print(f"[{name}] interrupted: rerun the same command to resume", file=sys.stderr)
             return 130
         except Exception:  # noqa: BLE001 - report, go on with the other studies
-            if args.name != "all":
+            if not several:
                 raise
             failures.append(name)
             print(f"[{name}] FAILED after {time.perf_counter() - t0:.1f} s:", file=sys.stderr)
             traceback.print_exc()
             continue
         print(f"[{name}] done in {time.perf_counter() - t0:.1f} s -> {path.parent}", flush=True)
+        if args.figures is not None:
+            for fig in export_figures(path.parent, args.figures):
+                print(f"    figure -> {fig}", flush=True)
         summary = _summarise(path)
         if summary:
             print(f"    {summary}", flush=True)
-    if args.name == "all":
+    if several:
         print(f"[all] {len(names) - len(failures)}/{len(names)} studies done in "
               f"{time.perf_counter() - t_all:.1f} s" + (f"; failed: {', '.join(failures)}" if failures else ""))
     return 1 if failures else 0

@@ -28,7 +28,9 @@ true gradient is exact by enumeration):
 The inputs ``x`` have random signs and geometrically decaying scales, so ``S``
 is anisotropic
 and the instance-dependent projector (water-filling, theory.md §5) beats the
-isotropic optimum ``n/r``.
+isotropic optimum ``n/r``.  For LR, whose ``S`` is estimated, that projector
+mixes in the uniform design with weight ``instance_floor`` (theory.md §5: an
+estimated ``S`` needs a floor); ``mse_theory`` uses the mixed design's exact ``M``.
 
 Every sample goes through the library's estimators and their low-rank paths
 (not a projection after the fact): :func:`estimators.ipa.ipa_replications` for
@@ -139,24 +141,34 @@ def exact_moments(model, loss_fn, population):
     return G.mean(0), np.einsum("kmi,kmj->ij", G, G) / G.shape[0]
 
 
-def _make_projector(name, S, n, rank):
+def _make_projector(name, S, n, rank, floor=0.0):
     if name == "full":
         return None
     if name == "instance":
         from estimators.instance import InstanceDependent
 
-        return lambda n_: InstanceDependent(S, rank)
+        return lambda n_: InstanceDependent(S, rank, floor=floor)
     return name
 
 
-def _second_moment(name, S, n, rank) -> np.ndarray | float:
+def _second_moment(name, S, n, rank, floor=0.0) -> np.ndarray | float:
     if name == "full":
         return 1.0
     if name == "instance":
         from estimators.instance import InstanceDependent
 
-        return InstanceDependent(S, rank).second_moment().double().numpy()
+        return InstanceDependent(S, rank, floor=floor).second_moment().double().numpy()
     return theory.isotropic_second_moment(name, n, rank)
+
+
+def _floor(unit) -> float:
+    """Mixing weight of the uniform design in the instance-dependent projector.
+
+    0 when ``S`` is exact (IPA); ``instance_floor`` when it is estimated (LR), as
+    theory.md §5 advises: tiny inclusion probabilities of an estimated ``S``
+    would give the squared error very heavy tails.
+    """
+    return unit["instance_floor"] if unit["method"] == "lr" else 0.0
 
 
 # ----------------------------------------------------------------------------- one unit
@@ -180,7 +192,7 @@ def _squared_errors(unit, model, loss_fn, pop, S, truth, gen):
     from estimators.ipa import ipa_replications
 
     n, rank, N, R = unit["n"], unit["rank"], unit["n_samples"], unit["n_reps"]
-    projector = _make_projector(unit["projector"], S, n, rank)
+    projector = _make_projector(unit["projector"], S, n, rank, _floor(unit))
     kw = dict(projector=projector, rank=None if projector is None else rank,
               share_projection=unit["mode"] == "dependent")
     errs = []
@@ -205,7 +217,7 @@ def _unit(unit: dict, seed: int) -> list[dict]:
     n, rank, N, R = unit["n"], unit["rank"], unit["n_samples"], unit["n_reps"]
     name = unit["projector"]
     errs = _squared_errors(unit, model, loss_fn, pop, S, torch.as_tensor(grad), make_generator(seed))
-    M = _second_moment(name, S, n, rank)
+    M = _second_moment(name, S, n, rank, _floor(unit))
     mse_theory = theory.mse(S, grad, M, n_samples=N, mode=unit["mode"])
     return [{
         "method": unit["method"], "mode": unit["mode"], "projector": name, "rank": rank,
@@ -214,7 +226,7 @@ def _unit(unit: dict, seed: int) -> list[dict]:
     }]
 
 
-def _reference(out: Path, *, n, m, rank, n_data, problem_seed, sigma, n_ref, seed) -> Path:
+def _reference(out: Path, *, n, m, rank, n_data, problem_seed, sigma, n_ref, seed, floor) -> Path:
     """``S`` of the LR estimator from ``n_ref`` independent single-sample full-rank draws ``G_i``.
 
     Saves ``S = mean G_iᵀG_i`` and, for the standard error of ``mse_theory``,
@@ -230,7 +242,7 @@ def _reference(out: Path, *, n, m, rank, n_data, problem_seed, sigma, n_ref, see
     tag = np.array([n, m, rank, n_data, problem_seed, n_ref, seed], dtype=np.int64)
     if path.exists():
         with np.load(path) as z:
-            if np.array_equal(z["tag"], tag) and float(z["sigma"]) == sigma:
+            if np.array_equal(z["tag"], tag) and float(z["sigma"]) == sigma and float(z["floor"]) == floor:
                 return path
     model, loss_fn, pop = build_problem("quadratic", n=n, m=m, n_data=n_data, seed=problem_seed)
     gen = make_generator(seed)
@@ -239,10 +251,10 @@ def _reference(out: Path, *, n, m, rank, n_data, problem_seed, sigma, n_ref, see
         G[i] = estimate(model, loss_fn, pop.sample(1, generator=gen), method="lr", generator=gen,
                         sigma=sigma, antithetic=True)["fc.weight"].numpy()
     S = np.einsum("kmi,kmj->ij", G, G) / n_ref
-    M_inst = _second_moment("instance", S, n, rank)
+    M_inst = _second_moment("instance", S, n, rank, floor)
     tmp = out / (_REF + ".tmp.npz")
     np.savez(tmp, S=S, sqnorm=np.einsum("kmi,kmi->k", G, G), inst=np.einsum("kmi,ij,kmj->k", G, M_inst, G),
-             tag=tag, sigma=sigma)
+             tag=tag, sigma=sigma, floor=floor)
     tmp.replace(path)
     return path
 
@@ -277,6 +289,7 @@ def run(ctx: StudyContext) -> None:
     n_reps = ctx.param("n_reps", 1000, 10000)
     n_reps_lr = ctx.param("n_reps_lr", 250, 2500)
     n_ref = ctx.param("n_ref", 10000, 200000)
+    instance_floor = ctx.param("instance_floor", 0.1)
     methods = ctx.param("methods", ["ipa", "lr"])
     projectors = ctx.param("projectors", list(PROJECTORS))
     problem_seed = unit_seed(ctx.seed, ("problem",)) % 2**31
@@ -285,21 +298,22 @@ def run(ctx: StudyContext) -> None:
     ref_path = None
     if "lr" in methods:
         ref_path = _reference(ctx.out, n=n, m=m, rank=rank, n_data=n_data, problem_seed=problem_seed, sigma=sigma,
-                              n_ref=n_ref, seed=unit_seed(ctx.seed, ("reference",)) % 2**31)
+                              n_ref=n_ref, seed=unit_seed(ctx.seed, ("reference",)) % 2**31, floor=instance_floor)
     units = [
         {"method": meth, "mode": mode, "projector": proj, "rank": rank if proj != "full" else n,
          "n_samples": N, "n_reps": n_reps_lr if meth == "lr" else n_reps, "n": n, "m": m, "n_data": n_data, "problem_seed": problem_seed,
-         "sigma": sigma, "_reference": str(ref_path) if meth == "lr" else ""}
+         "sigma": sigma, "instance_floor": instance_floor, "_reference": str(ref_path) if meth == "lr" else ""}
         for meth in methods for mode in ("independent", "dependent") for proj in projectors for N in n_samples
     ]
     key = ["method", "mode", "projector", "rank", "n_samples"]
     rows = ctx.run_units(CSV, COLUMNS, key, units, _unit)
     floors = _floors(units)
+    ctx.record_config(floors={f"{m_}/{p_}": v for (m_, p_), v in floors.items()})
     _check(ctx, rows, units, floors)
-    import pandas as pd
+    if ctx.param("figures", True):
+        import pandas as pd
 
-    fig = plot(pd.read_csv(ctx.csv_path(CSV)), floors=floors)
-    save_figure(fig, ctx.out, "mse_vs_samples")
+        save_figure(plot(pd.read_csv(ctx.csv_path(CSV)), floors=floors), ctx.out, "mse_vs_samples")
 
 
 def _floors(units) -> dict:
@@ -310,7 +324,7 @@ def _floors(units) -> dict:
         if k in floors or u["projector"] == "full":
             continue
         _, _, _, grad, S = _setting(u)
-        M = _second_moment(u["projector"], S, u["n"], u["rank"])
+        M = _second_moment(u["projector"], S, u["n"], u["rank"], _floor(u))
         floors[k] = theory.mse(grad.T @ grad, grad, M, n_samples=1, mode="dependent")
     return floors
 
@@ -358,7 +372,8 @@ def plot(df, *, floors: dict | None = None):
     df : pandas.DataFrame
         ``mse_vs_samples.csv``.
     floors : dict, optional
-        ``{(method, projector): floor}`` drawn in the dependent panels.
+        ``{(method, projector): floor}`` (or ``{"method/projector": floor}``, as
+        in ``run.json``'s ``config.floors``) drawn in the dependent panels.
 
     Returns
     -------
@@ -368,6 +383,7 @@ def plot(df, *, floors: dict | None = None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    floors = {tuple(k.split("/", 1)) if isinstance(k, str) else tuple(k): v for k, v in (floors or {}).items()}
     methods = [m for m in ("ipa", "lr") if m in set(df["method"])]
     modes = ["independent", "dependent"]
     projs = [p for p in PROJECTORS if p in set(df["projector"])]

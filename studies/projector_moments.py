@@ -96,10 +96,10 @@ def run(ctx: StudyContext) -> None:
             ctx.add_check(f"projector-moments {row['family']} r={row['r']}: on the n/r line",
                           math.isclose(float(row["alpha_mc"]), float(row["alpha_optimal"]), rel_tol=1e-9),
                           alpha_mc=float(row["alpha_mc"]), n_over_r=float(row["alpha_optimal"]))
-    import pandas as pd
+    if ctx.param("figures", True):
+        import pandas as pd
 
-    fig = plot(pd.read_csv(ctx.csv_path(CSV)))
-    save_figure(fig, ctx.out, "projector_moments")
+        save_figure(plot(pd.read_csv(ctx.csv_path(CSV))), ctx.out, "projector_moments")
 
 
 def plot(df):

@@ -143,6 +143,7 @@ def run(ctx: StudyContext) -> None:
     import pandas as pd
 
     raw = pd.read_csv(ctx.csv_path(RAW))
+    raw["control"] = raw["control"].astype(str) == "True"
     cells = raw[~raw["control"]].copy()
     cells["p_value"] = multipletests(cells["p_raw"].to_numpy(), method="holm")[1]
     cells["rejected"] = cells["p_value"] < alpha
@@ -165,8 +166,8 @@ def run(ctx: StudyContext) -> None:
             n_reps=int(row["n_reps"]),
             **({} if row["p_raw"] < alpha else {"why": f"too few replications (n_reps={row['n_reps']}) "
                                                        "to detect the shrunken mean of this noisy estimator"}))
-    fig = plot(raw, alpha=alpha)
-    save_figure(fig, ctx.out, "unbiasedness")
+    if ctx.param("figures", True):
+        save_figure(plot(raw, alpha=alpha), ctx.out, "unbiasedness")
 
 
 def plot(raw, *, alpha: float = 0.01, **_):
@@ -190,8 +191,9 @@ def plot(raw, *, alpha: float = 0.01, **_):
 
     raw = raw.copy()
     raw["neglog10p"] = -np.log10(np.clip(raw["p_raw"].astype(float), 1e-300, 1.0))
-    d = raw[~raw["control"].astype(bool)]
-    ctrl = raw[raw["control"].astype(bool)]
+    is_ctrl = raw["control"].astype(str) == "True"
+    d = raw[~is_ctrl]
+    ctrl = raw[is_ctrl]
     thresh = -math.log10(alpha / max(len(d), 1))
     top = max(thresh + 2.0, float(d["neglog10p"].max()) + 1.0)
     problems = [p for p in PROBLEM_FILES if p in set(d["problem"])]

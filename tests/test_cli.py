@@ -251,3 +251,18 @@ def test_process_workers_give_the_same_csv(tmp_path):
     assert main(_argv(tmp_path / "seq", "--n-jobs", "1")) == 0
     assert main(_argv(tmp_path / "par", "--n-jobs", "2")) == 0
     assert (tmp_path / "par" / pm.CSV).read_bytes() == (tmp_path / "seq" / pm.CSV).read_bytes()
+
+
+def test_export_figures_downscales(tmp_path):
+    from PIL import Image
+
+    from studies.__main__ import export_figures
+
+    Image.new("RGB", (2400, 1200), "white").save(tmp_path / "big.png")
+    Image.new("RGB", (300, 200), "white").save(tmp_path / "small.png")
+    out = export_figures(tmp_path, tmp_path / "docs", max_width=1000)
+    assert [p.name for p in out] == ["big.png", "small.png"]
+    with Image.open(out[0]) as im:
+        assert im.size == (1000, 500)
+    with Image.open(out[1]) as im:
+        assert im.size == (300, 200)
