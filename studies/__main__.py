@@ -112,8 +112,9 @@ def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", 
     return ctx.finish()
 
 
-def export_figures(study_dir: Path, dest: Path, *, max_width: int = 1000) -> list[Path]:
-    """Copy the PNG figures of a study folder into ``dest``, downscaled to ``max_width`` pixels.
+def export_figures(study_dir: Path, dest: Path, *, max_width: int = 900, colors: int = 64) -> list[Path]:
+    """Copy the PNG figures of a study folder into ``dest``: at most ``max_width`` pixels wide,
+    quantised to a ``colors``-colour palette (tens of kB each).
 
     The small copies are what the README's tour shows (``docs/figures``).
     """
@@ -128,9 +129,10 @@ def export_figures(study_dir: Path, dest: Path, *, max_width: int = 1000) -> lis
             target.write_bytes(png.read_bytes())
         else:
             with Image.open(png) as im:
+                im = im.convert("RGB")
                 if im.width > max_width:
                     im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
-                im.save(target, optimize=True)
+                im.quantize(colors=colors).save(target, optimize=True)
         written.append(target)
     return written
 

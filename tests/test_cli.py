@@ -261,6 +261,7 @@ def test_export_figures_downscales(tmp_path):
     Image.new("RGB", (2400, 1200), "white").save(tmp_path / "big.png")
     Image.new("RGB", (300, 200), "white").save(tmp_path / "small.png")
     out = export_figures(tmp_path, tmp_path / "docs", max_width=1000)
+    assert all(p.stat().st_size < 20_000 for p in out)
     assert [p.name for p in out] == ["big.png", "small.png"]
     with Image.open(out[0]) as im:
         assert im.size == (1000, 500)
