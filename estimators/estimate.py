@@ -111,10 +111,13 @@ def resolve_targets(model, params, projector, rank, c) -> list[Target]:
     found = [(name, mod) for name, mod in model.named_modules()
              if isinstance(mod, nn.Linear) and pred(name, mod)]
     if not found:
+        hint = ""
+        if any(isinstance(mod, LowRankLinear) for mod in model.modules()):
+            hint = " (its LowRankLinear layers: use ipa_grad_B, lr_grad_B or zo_grad_B for estimates in B)"
         raise ValueError(
             "`model` has no targeted nn.Linear layer"
             + ("" if params is None else f" (params={params!r})")
-            + "; the estimators act on nn.Linear weights"
+            + "; the estimators act on nn.Linear weights" + hint
         )
     targets = []
     for name, mod in found:
