@@ -54,6 +54,8 @@ PAPER_RATIO = 0.229
 MODELS = {
     "roberta_large": ("roberta", "roberta_large", {}, 8, 128),
     "llama_60m": ("llama", "llama_60m", {}, 8, 256),
+    # the batch dependence of the ratio: --set models=roberta_large_b16
+    "roberta_large_b16": ("roberta", "roberta_large", {}, 16, 128),
     # quick mode: a 4-layer RoBERTa of width 256 with a 1000-token vocabulary
     "roberta_small": ("roberta", "roberta_large", {"vocab_size": 1000, "num_hidden_layers": 4, "hidden_size": 256,
                                                    "intermediate_size": 1024, "num_attention_heads": 4}, 8, 128),
