@@ -298,14 +298,15 @@ def estimate(model, loss_fn, batch, *, method="ipa", projector=None, rank=None, 
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
+    >>> from estimators.models import MLP
     >>> g = torch.Generator().manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)).double()
-    >>> X, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randn(16, 1, generator=g, dtype=torch.float64)
+    >>> net = MLP([6, 4, 1], generator=g)                  # net.0 and net.2 are nn.Linear
+    >>> X, y = torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
     >>> loss_fn = lambda model, b: 0.5 * ((model(b[0]) - b[1]) ** 2).sum(-1)
-    >>> est = estimate(net, loss_fn, (X, y), method="ipa", projector="haar", rank=2, generator=g)
-    >>> sorted(est), est["0.weight"].shape
-    (['0.weight', '2.weight'], torch.Size([4, 6]))
+    >>> est = estimate(net, loss_fn, (X, y), method="lr", projector="haar", rank=2,
+    ...                sigma=0.1, antithetic=True, generator=g)
+    >>> sorted(est), est["net.0.weight"].shape
+    (['net.0.weight', 'net.2.weight'], torch.Size([4, 6]))
     """
     check_choice(method, "method", METHODS)
     if not isinstance(share_projection, bool):

@@ -144,12 +144,12 @@ def ipa_grad_B(model, loss_fn, batch, *, params=None) -> dict[str, torch.Tensor]
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
     >>> from estimators.lowrank import convert
+    >>> from estimators.models import LinearModel
     >>> g = torch.Generator().manual_seed(0)
-    >>> net = convert(nn.Sequential(nn.Linear(6, 3)), rank=2, generator=g)
+    >>> net = convert(LinearModel(6, 3, generator=g), rank=2, generator=g)   # layer "fc"
     >>> X = torch.randn(5, 6, generator=g)
-    >>> ipa_grad_B(net, lambda m, b: m(b).pow(2).sum(-1), X)["0"].shape
+    >>> ipa_grad_B(net, lambda m, b: m(b).pow(2).sum(-1), X)["fc"].shape
     torch.Size([3, 2])
     """
     targets = lowrank_targets(model, params)
@@ -219,13 +219,13 @@ def ipa_replications(model, loss_fn, batches, *, projector=None, rank=None, c=1.
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
+    >>> from estimators.models import LinearModel
     >>> g = torch.Generator().manual_seed(0)
-    >>> net = nn.Linear(6, 3, bias=False, device="meta").to_empty(device="cpu")
+    >>> net = LinearModel(6, 3, generator=g)
     >>> Xs = torch.randn(100, 8, 6, generator=g)       # R = 100 batches of N = 8
     >>> reps = ipa_replications(net, lambda m, X: m(X).pow(2).sum(-1), Xs,
     ...                         projector="haar", rank=2, generator=g)
-    >>> reps["weight"].shape
+    >>> reps["fc.weight"].shape
     torch.Size([100, 3, 6])
     """
     from torch.func import functional_call, grad, vmap

@@ -220,12 +220,12 @@ def lr_grad_B(model, loss_fn, batch, *, sigma=0.1, antithetic=True, baseline=Non
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
     >>> from estimators.lowrank import convert
+    >>> from estimators.models import LinearModel
     >>> g = torch.Generator().manual_seed(0)
-    >>> net = convert(nn.Sequential(nn.Linear(6, 3)), rank=2, generator=g)
+    >>> net = convert(LinearModel(6, 3, generator=g), rank=2, generator=g)   # layer "fc"
     >>> X = torch.randn(5, 6, generator=g)
-    >>> lr_grad_B(net, lambda m, b: m(b).pow(2).sum(-1), X, sigma=0.1, generator=g)["0"].shape
+    >>> lr_grad_B(net, lambda m, b: m(b).pow(2).sum(-1), X, sigma=0.1, generator=g)["fc"].shape
     torch.Size([3, 2])
     """
     targets = lowrank_targets(model, params)

@@ -228,12 +228,12 @@ def zo_grad_B(model, loss_fn, batch, *, mu=1e-3, two_point=True, baseline=None, 
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
     >>> from estimators.lowrank import convert
+    >>> from estimators.models import LinearModel
     >>> g = torch.Generator().manual_seed(0)
-    >>> net = convert(nn.Sequential(nn.Linear(6, 3)), rank=2, generator=g)
+    >>> net = convert(LinearModel(6, 3, generator=g), rank=2, generator=g)   # layer "fc"
     >>> X = torch.randn(5, 6, generator=g)
-    >>> zo_grad_B(net, lambda m, b: m(b).pow(2).sum(-1), X, mu=1e-3, generator=g)["0"].shape
+    >>> zo_grad_B(net, lambda m, b: m(b).pow(2).sum(-1), X, mu=1e-3, generator=g)["fc"].shape
     torch.Size([3, 2])
     """
     if not isinstance(share_direction, bool):
