@@ -21,8 +21,10 @@ two training steps on a fixed batch:
   the head); embeddings frozen.
 
 Outputs: ``memory.csv`` (schema of shared/design.md), ``memory_breakdown.csv``
-(long format: weights, gradients, optimiser state, saved activations, the rest
-of the peak), ``memory_table.md`` (ratios to full backprop beside the paper's
+(long format: weights, gradients, optimiser state, saved activations, and
+``rest_of_peak`` = peak minus their sum, which is negative when they do not
+coexist, e.g. full backprop frees its activations before AdamW allocates its
+state), ``memory_table.md`` (ratios to full backprop beside the paper's
 0.229), ``memory.png``/``.pdf`` and ``workers/*.json`` (everything each process
 reported).  Parameters (``--set NAME=VALUE``): ``models``, ``methods``,
 ``rank``, ``steps``, ``threads``, ``launcher`` (``fork``: one import, a forked
