@@ -422,15 +422,16 @@ class StudyContext:
             self._write_csv(path, columns, [])
         if todo:
             results = self._map(fn, todo)
-            try:
-                from tqdm.auto import tqdm
-
-                label = desc or f"{self.name}:{name}"
-                if len(units) != len(todo):
-                    label += f" (resuming, {len(units) - len(todo)} done)"
-                results = tqdm(results, total=len(todo), desc=label, disable=not self.progress, leave=False)
-            except ImportError:  # pragma: no cover
-                pass
+            if self.progress:
+                try:
+                    from tqdm.auto import tqdm
+                except ImportError:  # pragma: no cover
+                    tqdm = None
+                if tqdm is not None:
+                    label = desc or f"{self.name}:{name}"
+                    if len(units) != len(todo):
+                        label += f" (resuming, {len(units) - len(todo)} done)"
+                    results = tqdm(results, total=len(todo), desc=label, leave=False)
             with path.open("a", newline="") as fh, jpath.open("a") as jh:
                 for rows in results:
                     rows = list(rows)
