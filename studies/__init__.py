@@ -18,4 +18,6 @@ STUDIES: dict[str, tuple[str, str, str]] = {
     "unbiasedness": ("unbiasedness", "run", "every method x projector x mode tested for E[g] = grad (Holm-corrected)"),
     "mse-vs-samples": ("mse_vs_samples", "run", "the paper's Figures 2-5: MSE against N, Monte Carlo beside theory.mse"),
     "functional": ("functional", "run", "functional optimisation (column generation) vs water-filling; instance-dependent MSE gain"),
+    "pretrain": ("pretrain", "run", "LLaMA pretraining: lazy low-rank (haar/coordinate/gaussian/instance) vs GaLore, full rank, LR"),
+    "llm-gradients": ("llm_gradients", "run", "LLaMA layer gradients: spectra, ranks, projector MSE (Monte Carlo vs theory.mse)"),
 }
