@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a study parameter (repeatable; lists comma-separated)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in the output folder")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads of this process (default: 1 with --quick, whose tiny "
-                        "models run fastest single-threaded; torch's default otherwise)")
+                   help="torch intra-op threads during each study (default: the study's QUICK_THREADS "
+                        "with --quick, e.g. 1 for the Monte Carlo studies whose tiny models run fastest "
+                        "single-threaded; torch's default otherwise)")
     p.add_argument("--figures", type=Path, default=None, metavar="DIR",
                    help="also copy each study's PNG figures, downscaled, into DIR (e.g. docs/figures)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -83,6 +84,8 @@ def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", 
         See :class:`studies.StudyContext`.
     threads : int, optional
         ``torch.set_num_threads`` for the duration of the study (restored after).
+        ``None``: the study module's ``QUICK_THREADS`` in quick mode, if it has
+        one, else torch's setting is left alone.
 
     Examples
     --------
@@ -93,7 +96,10 @@ def run_study(name: str, *, quick: bool, out: Path | None, device: str = "cpu", 
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; known: {', '.join(STUDIES)}")
     module, func, _ = STUDIES[name]
-    fn = getattr(importlib.import_module(f"studies.{module}"), func)
+    mod = importlib.import_module(f"studies.{module}")
+    fn = getattr(mod, func)
+    if threads is None and quick:
+        threads = getattr(mod, "QUICK_THREADS", None)
     ctx = StudyContext(name=name, out=out or Path("results") / name, quick=quick, seed=seed,
                        device=device, n_jobs=n_jobs, progress=progress,
                        extra=dict(overrides or {}), fresh=fresh)
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     several = len(args.names) > 1 or args.names == ["all"]
     names = list(STUDIES) if "all" in args.names else list(dict.fromkeys(args.names))
     overrides = _parse_overrides(args.overrides)
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    threads = args.threads
     if threads is not None and threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {threads}")
     failures = []

@@ -56,6 +56,9 @@ from ._core import StudyContext, make_generator, save_figure, set_plot_theme, un
 
 __all__ = ["run", "plot", "build_problem", "exact_moments", "COLUMNS", "CSV", "PROJECTORS", "METHOD_PROBLEM"]
 
+#: torch threads for ``--quick`` runs (tiny models: one thread is fastest; scale out with ``--n-jobs``)
+QUICK_THREADS = 1
+
 CSV = "mse_vs_samples.csv"
 COLUMNS = ["method", "mode", "projector", "rank", "n_samples", "mse", "mse_se", "mse_theory", "n_reps"]
 #: projector values of the schema ("full": the full-rank base estimator)

@@ -30,6 +30,9 @@ from ._core import StudyContext, make_generator, save_figure, set_plot_theme
 
 __all__ = ["run", "plot", "COLUMNS", "CSV"]
 
+#: torch threads for ``--quick`` runs (tiny models: one thread is fastest; scale out with ``--n-jobs``)
+QUICK_THREADS = 1
+
 CSV = "projector_moments.csv"
 COLUMNS = ["family", "n", "r", "r_over_n", "n_reps", "alpha_mc", "alpha_se", "alpha_theory",
            "alpha_optimal", "z"]

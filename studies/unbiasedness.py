@@ -47,6 +47,9 @@ from .mse_vs_samples import build_problem, exact_moments
 
 __all__ = ["run", "plot", "COLUMNS", "CSV", "RAW_COLUMNS", "PROJECTORS", "METHODS"]
 
+#: torch threads for ``--quick`` runs (tiny models: one thread is fastest; scale out with ``--n-jobs``)
+QUICK_THREADS = 1
+
 CSV = "unbiasedness.csv"
 CSV_QUADRATIC = "unbiasedness_quadratic.csv"
 RAW = "unbiasedness_raw.csv"
