@@ -12,21 +12,24 @@ method             projector     what is trained, and how
 ``galore``         ``svd``       GaLore's AdamW (``galore-torch``): block matrices through the top-r
                                  singular subspace of the gradient, refreshed every ``K`` steps,
                                  scale ``galore_scale``; the rest full rank
-``ipa_lowrank``    ``haar``,     lazy update (theory.md §8): each block ``nn.Linear`` becomes
-                   ``coordinate``, ``Θ + B Vᵀ`` (:class:`estimators.lowrank.LowRankLinear`), AdamW on
-                   ``gaussian``, ``B`` (and on embeddings, norms and head, full rank); every ``K``
-                   ``instance``   steps ``Θ ← Θ + B Vᵀ``, ``B ← 0``, a new ``V``, Adam state of ``B`` reset
-``lr_full``        ``full``      forward only: antithetic likelihood-ratio estimates (noise
-                                 ``N(0, σ²)`` on every block Linear's and the head's output), AdamW
-``lr_lowrank``     ``haar``      forward only: the same estimator for ``B`` of the lazy low-rank
-                                 layers (features ``Vᵀx``), head full rank
+``ipa_lowrank``    ``haar``,     lazy update (theory.md §8) by :class:`estimators.LazyUpdate`: each
+                   ``coordinate``, block ``nn.Linear`` becomes ``Θ + B Vᵀ``
+                   ``gaussian``,  (:func:`estimators.lowrank.convert`), inner AdamW on ``B`` (and on
+                   ``instance``   embeddings, norms and head, full rank); every ``K`` steps
+                                 ``Θ ← Θ + B Vᵀ``, ``B ← 0``, a new ``V``, Adam state of ``B`` reset
+``lr_full``        ``full``      forward only: antithetic likelihood-ratio estimates
+                                 (:func:`estimators.estimate`, ``method="lr"``: noise ``N(0, σ²)`` on
+                                 every block Linear's and the head's output), AdamW
+``lr_lowrank``     ``haar``      forward only: :class:`estimators.LazyUpdate` with the same estimator
+                                 (:func:`estimators.lr.lr_estimate`) for ``B`` of the low-rank layers
+                                 (features ``Vᵀx``) and, in the same passes, the head at full rank
 =================  ============  ==================================================================
 
-``instance`` draws, at each refresh, ``V = Q_J diag(1/√π_J)`` from the right
-singular vectors ``Q`` of a full mini-batch gradient of ``Θ`` (one extra
-backward pass every ``K`` steps), with the water-filling inclusion
-probabilities of its squared singular values mixed with the uniform ``r/n``
-(weight ``instance_floor``) and a fixed-size systematic sample ``J``.
+``instance`` uses :class:`estimators.lazy.InstanceDependentFactory`: at each
+merge, every layer's new ``V`` is drawn from the instance-dependent design
+(water-filling inclusion probabilities mixed with the uniform ``r/n``, weight
+``instance_floor``) built from its last ``instance_window`` lifted gradient
+estimates ``G_B Vᵀ``; the first subspace is Haar–Stiefel (no gradient seen yet).
 
 The learning rate of each method is the best (lowest final validation loss) of
 a small grid, run first on a separate sweep seed for ``sweep_steps`` steps
@@ -43,7 +46,9 @@ Outputs
     cumulative training time (evaluation excluded); ``peak_bytes`` on CUDA is
     ``torch.cuda.max_memory_allocated``, on the CPU the measured bytes of the live
     tensors at the first step's peak (parameters and buffers, gradients,
-    optimiser state, tensors saved for backward or kept by the estimator).
+    optimiser state, tensors saved for backward; for the LR methods the noise and
+    features the estimator keeps, counted from their shapes; for ``instance`` the
+    factory's window of ``instance_window`` stored gradients).
 ``pretrain_sweep.csv``
     the same schema for the learning-rate sweep.
 ``pretrain_table.csv`` / ``.md``
@@ -57,7 +62,9 @@ figures
 Resumption.  Each run is a unit of :meth:`StudyContext.run_units`; a run that
 is interrupted restarts from its last checkpoint (``ckpt/``, every
 ``ckpt_every`` steps) and ends with the same rows (``wall_s`` aside): the
-checkpoint holds the model, the optimiser state and both generators.
+checkpoint holds the model, the optimiser state (for the low-rank methods
+``LazyUpdate.state_dict``: inner AdamW, position in the subspace, ``V``'s,
+generator, the instance factory's gradients) and both generators.
 
 Determinism.  Everything random is drawn from generators seeded by the study
 seed and the run's key.  Across processes, the methods that call QR or SVD
@@ -90,7 +97,6 @@ __all__ = [
     "CSV",
     "lr_factor",
     "build_model",
-    "instance_frame",
     "per_example_loss",
     "summarise",
 ]
@@ -183,96 +189,6 @@ def _evaluate(model, blocks: torch.Tensor, batch: int) -> float:
     return tot / blocks.shape[0]
 
 
-# ----------------------------------------------------------------------------- instance-dependent frames
-def instance_frame(G: torch.Tensor, r: int, *, floor=0.1, c=1.0, generator) -> torch.Tensor:
-    r"""An instance-dependent projection ``V ∈ R^{n×r}`` for gradient samples ``G``.
-
-    Parameters
-    ----------
-    G : Tensor, shape (m, n) or (N, m, n)
-        Gradient sample(s); ``Ŝ = N⁻¹ Σ G_kᵀ G_k``.
-    r : int
-    floor : float in [0, 1], default 0.1
-        Mixing weight of the uniform design ``r/n`` (keeps ``E[VVᵀ] = cI`` on
-        directions the estimate ``Ŝ`` misses).
-    c : float, default 1.0
-    generator : torch.Generator
-
-    Returns
-    -------
-    Tensor, shape (n, r), dtype and device of ``G``
-
-    Notes
-    -----
-    A thin wrapper of :meth:`estimators.InstanceDependent.from_gradients`:
-    ``Ŝ = Q diag(σ) Qᵀ``, ``π = (1 − floor) π*(σ, r) + floor · r/n`` (water-filling
-    ``π*``, theory.md §5), ``J`` a fixed-size systematic sample with marginals
-    ``π``, ``V = √c Q_J diag(π_J^{-1/2})``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> g = torch.Generator().manual_seed(0)
-    >>> V = instance_frame(torch.randn(6, 5, generator=g), 2, generator=g)
-    >>> V.shape
-    torch.Size([5, 2])
-    """
-    from estimators import InstanceDependent
-
-    P = InstanceDependent.from_gradients(G.detach(), r, c=c, floor=floor)
-    V = P.sample(generator=generator, device=generator.device, dtype=torch.float64)
-    return V.to(device=G.device, dtype=G.dtype)
-
-
-# ----------------------------------------------------------------------------- likelihood-ratio probe
-class _LRProbe:
-    """Antithetic likelihood-ratio estimates for the outputs of Linear / LowRankLinear layers.
-
-    ``z = layer(x) ± ε``, ``ε ~ N(0, σ²)`` per token and output; with per-sequence
-    losses ``L±``: ``Ĝ = N⁻¹ Σ_b (L⁺_b − L⁻_b)/(2σ²) Σ_t ε_{bt} f_{bt}ᵀ`` where
-    ``f = x`` (dense weight) or ``f = Vᵀx`` (the ``B`` of a low-rank layer).
-    """
-
-    def __init__(self, layers, sigma: float, generator: torch.Generator):
-        self.layers = list(layers)
-        self.sigma = float(sigma)
-        self.gen = generator
-        self.sign = 1.0
-        self.eps: dict[str, torch.Tensor] = {}
-        self.feat: dict[str, torch.Tensor] = {}
-
-    def _hook(self, name):
-        from estimators.lowrank import LowRankLinear
-
-        def hook(mod, inp, out):
-            if self.sign > 0:
-                x = inp[0]
-                self.feat[name] = x @ mod.V if isinstance(mod, LowRankLinear) else x
-                self.eps[name] = torch.randn(out.shape, generator=self.gen, device=out.device,
-                                             dtype=out.dtype).mul_(self.sigma)
-            return out + self.sign * self.eps[name]
-
-        return hook
-
-    @torch.no_grad()
-    def grads(self, model, ids) -> tuple[dict[str, torch.Tensor], float, int]:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers]
-        try:
-            self.sign = 1.0
-            lp = per_example_loss(model, ids)
-            self.sign = -1.0
-            lm = per_example_loss(model, ids)
-        finally:
-            for h in handles:
-                h.remove()
-        kept = sum(t.numel() * t.element_size() for d in (self.eps, self.feat) for t in d.values())
-        coef = (lp - lm) / (2 * self.sigma ** 2 * ids.shape[0])
-        out = {n: torch.einsum("b,btm,btk->mk", coef, self.eps[n], self.feat[n]) for n, _ in self.layers}
-        self.eps.clear()
-        self.feat.clear()
-        return out, float((lp + lm).mean() / 2), kept
-
-
 # ----------------------------------------------------------------------------- memory
 def _storage_bytes(tensors) -> int:
     seen, tot = set(), 0
@@ -317,15 +233,45 @@ def _block_layers(model):
     return block_linear_names(model)
 
 
+def _lr_kept_bytes(targets, ids, passes) -> int:
+    """Bytes the LR estimator keeps per step: the noise ``ε`` (``m`` per token) once, the features per pass.
+
+    ``estimators.lr`` stores, per targeted layer, ``ε`` of shape ``(N, T, m)``
+    and, for each of the ``passes`` forward passes, the features ``x`` (``n`` per
+    token) or ``Vᵀx`` (``r`` per token); counted from these shapes.
+    """
+    tokens = ids.shape[0] * ids.shape[1]
+    tot = 0
+    for t in targets:
+        mod = t.module
+        k = mod.rank if t.use_layer_V else mod.in_features
+        tot += tokens * (mod.out_features + passes * k) * mod.weight.element_size()
+    return tot
+
+
 def _setup(spec, model, proj_gen):
-    """Convert the model and build the optimiser of ``spec['method']``."""
+    """Convert the model; return its optimiser and, for forward-only methods, the gradient estimator.
+
+    The estimator is ``None`` (backprop) or a callable ``ids -> (loss, kept_bytes)``
+    that sets the ``.grad`` of every trained parameter from library estimates:
+    :func:`estimators.estimate` (``method="lr"``) for ``lr_full``;
+    :func:`estimators.lr.lr_estimate` on the low-rank layers' ``B`` (their
+    current ``V``) and the full-rank head, in the same antithetic passes, for
+    ``lr_lowrank``.  Low-rank methods are trained by
+    :class:`estimators.LazyUpdate` (inner AdamW).
+    """
+    from estimators import LazyUpdate, estimate
+    from estimators.estimate import lowrank_targets, resolve_targets
+    from estimators.lazy import InstanceDependentFactory
     from estimators.lowrank import convert, lowrank_layers
+    from estimators.lr import lr_estimate
 
     method, projector, rank = spec["method"], spec["projector"], int(spec["rank"])
     lr = float(spec["lr"])
     blocks = _block_layers(model)
     adam = dict(lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
-    probe = None
+    sigma = float(spec["lr_sigma"])
+    estimator = None
     if method == "full_bp":
         opt = torch.optim.AdamW(model.parameters(), **adam)
     elif method == "galore":
@@ -341,53 +287,69 @@ def _setup(spec, model, proj_gen):
     elif method in ("ipa_lowrank", "lr_lowrank"):
         fam = "haar" if projector == "instance" else projector
         convert(model, rank=rank, projector=fam, target=blocks, generator=proj_gen)
+        factory = None
+        if projector == "instance":
+            factory = InstanceDependentFactory(window=int(spec.get("instance_window", 8)),
+                                               floor=float(spec["instance_floor"]))
         if method == "lr_lowrank":
             for p in model.parameters():
                 p.requires_grad_(False)
             for _, layer in lowrank_layers(model):
                 layer.B.requires_grad_(True)
             model.lm_head.weight.requires_grad_(True)
-            probe = _LRProbe(lowrank_layers(model) + [("lm_head", model.lm_head)],
-                             spec["lr_sigma"], proj_gen)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adam)
+        opt = LazyUpdate(model, inner=torch.optim.AdamW, inner_kwargs=adam, K=int(spec["K"]), state="reset",
+                         projector_factory=factory, generator=proj_gen)
+        if method == "lr_lowrank":
+            targets = lowrank_targets(model) + resolve_targets(model, ["lm_head"], None, None, 1.0)
+
+            def estimator(ids):
+                losses = []
+
+                def loss_fn(m, b):
+                    out = per_example_loss(m, b)
+                    losses.append(out)
+                    return out
+
+                est = lr_estimate(model, loss_fn, ids, targets, sigma=sigma, antithetic=True, generator=proj_gen)
+                for name, layer in lowrank_layers(model):
+                    layer.B.grad = est[name]
+                model.lm_head.weight.grad = est["lm_head.weight"]
+                return float(torch.stack(losses).mean()), _lr_kept_bytes(targets, ids, 2)
     elif method == "lr_full":
         for p in model.parameters():
             p.requires_grad_(False)
-        layers = [(n, model.get_submodule(n)) for n in blocks] + [("lm_head", model.lm_head)]
+        names = list(blocks) + ["lm_head"]
+        layers = [(n, model.get_submodule(n)) for n in names]
         for _, m in layers:
             m.weight.requires_grad_(True)
-        probe = _LRProbe(layers, spec["lr_sigma"], proj_gen)
         opt = torch.optim.AdamW([m.weight for _, m in layers], **adam)
+        targets = resolve_targets(model, names, None, None, 1.0)
+
+        def estimator(ids):
+            losses = []
+
+            def loss_fn(m, b):
+                out = per_example_loss(m, b)
+                losses.append(out)
+                return out
+
+            est = estimate(model, loss_fn, ids, method="lr", params=names, sigma=sigma, antithetic=True,
+                           generator=proj_gen)
+            for n, m in layers:
+                m.weight.grad = est[f"{n}.weight"]
+            return float(torch.stack(losses).mean()), _lr_kept_bytes(targets, ids, 2)
     else:
         raise ValueError(f"`method` must be one of {sorted({m for m, _ in METHODS})}, got method={method!r}")
-    return opt, probe
+    return opt, estimator
 
 
-def _refresh(spec, model, opt, proj_gen, ids, step):
-    """Lazy update every K steps: merge, reset B's Adam state, draw new V's."""
-    from estimators.lowrank import lowrank_layers
-
-    layers = lowrank_layers(model)
-    if not layers or step % int(spec["K"]):
-        return
-    if step > 0:
-        for _, layer in layers:
-            layer.merge()
-            opt.state.pop(layer.B, None)
-    if spec["projector"] == "instance":
-        # one full mini-batch gradient of every Θ (B = 0 here, so it is ∇Θ at the merged point)
-        for _, layer in layers:
-            layer.weight.requires_grad_(True)
-        per_example_loss(model, ids).mean().backward()
-        for _, layer in layers:
-            G = layer.weight.grad
-            layer.weight.requires_grad_(False)
-            layer.weight.grad = None
-            layer.V.copy_(instance_frame(G, layer.rank, floor=float(spec["instance_floor"]), generator=proj_gen))
-        opt.zero_grad(set_to_none=True)
-    elif step > 0:
-        for _, layer in layers:
-            layer.resample(generator=proj_gen)
+def _factory_bytes(opt) -> int:
+    """Steady-state bytes of the instance-dependent factory's gradient window (``window`` observations)."""
+    fac = getattr(opt, "projector_factory", None)
+    grads = getattr(fac, "_grads", None)
+    if not grads:
+        return 0
+    return int(fac.window * sum(buf[-1].numel() * buf[-1].element_size() for buf in grads.values() if buf))
 
 
 def train_run(spec: dict, seed: int, *, ckpt_path=None, stop_at=None) -> list[dict]:
@@ -398,7 +360,7 @@ def train_run(spec: dict, seed: int, *, ckpt_path=None, stop_at=None) -> list[di
     spec : dict
         ``size, method, projector, rank, seed, lr, steps, batch, seq_len, K,
         galore_scale, warmup, min_lr_ratio, eval_every, n_val_blocks, lr_sigma,
-        instance_floor, source, max_train_tokens, study_seed, device, ckpt_every``.
+        instance_floor, instance_window (default 8), source, max_train_tokens, study_seed, device, ckpt_every``.
         ``spec['seed']`` (with ``study_seed``) fixes the initialisation and the
         token order, shared by all methods.
     seed : int
@@ -425,7 +387,7 @@ def train_run(spec: dict, seed: int, *, ckpt_path=None, stop_at=None) -> list[di
     extra.update(spec.get("_model_overrides") or {})
     model = build_model(spec["size"], vocab_size=data.vocab_size, seq_len=int(spec["seq_len"]),
                         generator=init_gen, device=device, **extra)
-    opt, probe = _setup(spec, model, proj_gen)
+    opt, estimator = _setup(spec, model, proj_gen)
     base = {k: spec[k] for k in ("size", "method", "projector", "rank", "seed", "lr")}
     rows: list[dict] = []
     start, wall, acc, nacc, peak = 0, 0.0, 0.0, 0, None
@@ -450,16 +412,11 @@ def train_run(spec: dict, seed: int, *, ckpt_path=None, stop_at=None) -> list[di
         factor = lr_factor(step, steps, warmup=float(spec["warmup"]), min_ratio=float(spec["min_lr_ratio"]))
         for g in opt.param_groups:
             g["lr"] = float(spec["lr"]) * factor
-        _refresh(spec, model, opt, proj_gen, ids, step)
         measure = peak is None
         if device.type == "cuda" and measure:
             torch.cuda.reset_peak_memory_stats(device)
-        if probe is not None:
-            grads, loss, kept = probe.grads(model, ids)
-            for name, mod in probe.layers:
-                p = mod.B if hasattr(mod, "B") else mod.weight
-                p.grad = grads[name]
-            act = kept
+        if estimator is not None:
+            loss, act = estimator(ids)
         else:
             saved = []
 
@@ -488,6 +445,7 @@ def train_run(spec: dict, seed: int, *, ckpt_path=None, stop_at=None) -> list[di
             else:
                 peak = (_storage_bytes(list(model.parameters()) + list(model.buffers())) + grad_bytes
                         + _storage_bytes(_state_tensors(opt)) + act)
+                peak += _factory_bytes(opt)
         wall += time.perf_counter() - t0
         if not math.isfinite(loss):
             rows.append({**base, "step": step + 1, "tokens": (step + 1) * tokens_per_step,
@@ -615,6 +573,7 @@ def run(ctx: StudyContext) -> None:
         "n_val_blocks": ctx.param("n_val_blocks", 16, 512),
         "lr_sigma": ctx.param("lr_sigma", 1e-2, 1e-2),
         "instance_floor": ctx.param("instance_floor", 0.1, 0.1),
+        "instance_window": ctx.param("instance_window", 8, 8),
         "source": ctx.param("source", "stdlib", "stdlib"),
         "layers": ctx.param("layers", 0, 0),  # 0: the shape's number of blocks
         "max_train_tokens": None,

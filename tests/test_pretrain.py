@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from studies.pretrain import METHODS, instance_frame, lr_factor, train_run
+from studies.pretrain import METHODS, lr_factor, train_run
 
 TINY = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 2}
 
@@ -65,20 +65,21 @@ def test_same_init_and_tokens_for_every_method_and_learning():
     assert other_seed[0]["val_loss"] != v0[("full_bp", "full")]
 
 
-def test_instance_frame_is_isotropic_in_the_mean():
-    """E[VVᵀ] = I for the instance design built from a gradient (exact: average over its index law)."""
-    g = torch.Generator().manual_seed(0)
-    G = torch.randn(6, 10, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(3, 0.1, 10,
-                                                                                          dtype=torch.float64))
-    from estimators import InstanceDependent
+def test_low_rank_methods_use_the_library_lazy_update():
+    """The low-rank runs are driven by estimators.LazyUpdate (instance: InstanceDependentFactory)."""
+    from estimators import LazyUpdate
+    from estimators.lazy import InstanceDependentFactory
+    from studies.pretrain import _setup, build_model
+    from studies._core import make_generator
 
-    P = InstanceDependent.from_gradients(G, 3, floor=0.1)
-    # E[VVᵀ] = Q diag(π · 1/π) Qᵀ = I: check the marginals the sampler uses, and a draw's structure
-    assert float(P.pi.sum()) == pytest.approx(3.0)
-    V = instance_frame(G, 3, floor=0.1, generator=g)
-    assert V.shape == (10, 3) and V.dtype == torch.float64
-    gram = V.T @ V  # columns are scaled orthonormal eigenvectors: diagonal Gram matrix
-    assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-10)
+    for method, projector in [("ipa_lowrank", "instance"), ("lr_lowrank", "haar")]:
+        spec = _spec(method, projector)
+        g = make_generator(0, "cpu")
+        model = build_model("llama_20m", vocab_size=64, seq_len=16, generator=g, num_hidden_layers=1, **TINY)
+        opt, estimator = _setup(spec, model, g)
+        assert isinstance(opt, LazyUpdate) and opt.K == 2 and opt.generator is g
+        assert isinstance(opt.projector_factory, InstanceDependentFactory) == (projector == "instance")
+        assert (estimator is None) == (method == "ipa_lowrank")
 
 
 def test_unknown_method_is_an_error():
