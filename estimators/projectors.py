@@ -130,12 +130,26 @@ def _fresh_generator(device) -> torch.Generator:
 class HaarStiefel(Projector):
     r"""``V = √(cn/r) U`` with ``U`` uniform (Haar) on the Stiefel manifold ``V_r(R^n)``.
 
-    ``U`` is the Q factor of an ``n×r`` standard Gaussian matrix with its columns
-    multiplied by ``sign(diag R)`` (Mezzadri's fix [2]_; without it the law is
-    not Haar).  Batches use one batched QR.
+    ``U`` is the Q factor of an ``n×r`` standard Gaussian matrix ``G = QR`` in
+    the thin QR factorisation whose ``R`` has a positive diagonal (Mezzadri's
+    sign fix [2]_; a plain Householder QR is not Haar-distributed).
 
     Notes
     -----
+    Two numerically different routes to the same ``Q``:
+
+    * ``n >= 4r``: Cholesky QR, ``Q = G L^{-T}`` with ``L = chol(GᵀG)``, whose
+      ``R = Lᵀ`` has a positive diagonal by construction.  A Gaussian ``n×r``
+      with ``n >= 4r`` has condition number about ``(√n+√r)/(√n−√r) <= 3``, so
+      the loss of orthogonality ``~κ² ε`` stays at rounding level.  It is all
+      matrix products and one small triangular solve, so batches run as batched
+      BLAS-3; torch's batched Householder QR on the CPU was 19× slower than a
+      loop at ``n = 4096, r = 128`` (``python -m studies bench-samplers``).
+      Should the Cholesky factorisation fail, the draw falls back to the route
+      below.
+    * otherwise: Householder QR (``torch.linalg.qr``) and columns multiplied by
+      ``sign(diag R)``.
+
     ``VᵀV = c (n/r) I_r`` exactly, so ``E[(VVᵀ)²] = c² (n/r) I``: minimax optimal
     (theory.md §5).
 
@@ -150,12 +164,26 @@ class HaarStiefel(Projector):
 
     family = "haar"
 
+    #: Cholesky QR is used when ``n >= CHOLESKY_QR_RATIO * r`` (see Notes).
+    CHOLESKY_QR_RATIO = 4
+
     def _sample(self, batch_shape, generator, device, dtype):
         G = torch.randn(*batch_shape, self.n, self.r, generator=generator, device=device, dtype=dtype)
+        scale = math.sqrt(self.c * self.n / self.r)
+        if self.n >= self.CHOLESKY_QR_RATIO * self.r:
+            # Q = G R⁻¹ with R = Lᵀ, L = chol(GᵀG): the thin QR with diag R > 0
+            L, info = torch.linalg.cholesky_ex(G.mT @ G)
+            if not bool(info.any()):
+                # G L⁻ᵀ as one (batched) matrix product: the r×r inverse is cheap and,
+                # with κ(L) = κ(G) <= ~3, accurate; a triangular solve against the
+                # n×r matrix was twice as slow on the CPU
+                eye = torch.eye(self.r, device=device, dtype=dtype)
+                Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+                return torch.matmul(G, Linv.mT.mul_(scale))
         Q, R = torch.linalg.qr(G)
         # sign(diag R) is ±1 almost surely (a zero diagonal has probability zero)
         d = torch.diagonal(R, dim1=-2, dim2=-1).sign()
-        return Q.mul_(d.mul_(math.sqrt(self.c * self.n / self.r)).unsqueeze(-2))
+        return Q.mul_(d.mul_(scale).unsqueeze(-2))
 
 
 class Coordinate(Projector):

@@ -42,6 +42,18 @@ def test_optimal_families_have_exact_gram(cls, n, r, c, batch_shape, dtype, tol)
     assert torch.allclose(gram, target.expand_as(gram), atol=tol * c * n / r, rtol=0)
 
 
+@pytest.mark.parametrize("batch_shape", [(), (3,)])
+@pytest.mark.parametrize("n,r", [(64, 4), (40, 10), (12, 5)])
+def test_both_qr_routes_give_householder_q_with_positive_r(n, r, batch_shape):
+    """The sampled frame equals the Q of Householder QR after Mezzadri's sign fix, to rounding."""
+    V = HaarStiefel(n, r).sample(batch_shape=batch_shape, generator=torch.Generator().manual_seed(7),
+                                 dtype=torch.float64)
+    G = torch.randn(*batch_shape, n, r, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    Q, R = torch.linalg.qr(G)
+    Q = Q * torch.diagonal(R, dim1=-2, dim2=-1).sign().unsqueeze(-2)
+    assert torch.allclose(V / math.sqrt(n / r), Q, atol=1e-12, rtol=0)
+
+
 def test_rank_equal_n_gives_c_identity():
     for cls in (HaarStiefel, Coordinate):
         V = cls(5, 5, c=0.7).sample(generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -156,7 +168,8 @@ def test_isotropy_test_at_larger_n_uses_random_functionals(gen, alpha):
 
 
 def test_haar_frames_are_haar(gen, alpha):
-    for n, r in [(N_STAT, R_RANK), (12, 5)]:
+    # (6, 2), (12, 5): Householder route; (16, 2): Cholesky-QR route (n >= 4r)
+    for n, r in [(N_STAT, R_RANK), (12, 5), (16, 2)]:
         assert haar_test(HaarStiefel(n, r, c=0.5).sample(batch_shape=(R_STAT,), generator=gen,
                                                          dtype=torch.float64), c=0.5).pvalue > alpha
 
