@@ -358,8 +358,8 @@ def run(ctx: StudyContext) -> None:
     size = ctx.param("size", "llama_20m", "llama_60m")
     cfg = {
         "size": size,
-        "steps": ctx.param("steps", 60, 2000),
-        "checkpoints": ctx.param("checkpoints", [0, 20, 60], [0, 250, 500, 1000, 2000]),
+        "steps": ctx.param("steps", 40, 2000),
+        "checkpoints": ctx.param("checkpoints", [0, 20, 40], [0, 250, 500, 1000, 2000]),
         "batch": ctx.param("batch", 8, 32),
         "seq_len": ctx.param("seq_len", 64, 256),
         "lr": ctx.param("lr", 1e-3, 1e-3),
