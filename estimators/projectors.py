@@ -138,7 +138,8 @@ class HaarStiefel(Projector):
     -----
     Two numerically different routes to the same ``Q``:
 
-    * ``n >= 4r``: Cholesky QR, ``Q = G L^{-T}`` with ``L = chol(GᵀG)``, whose
+    * ``n >= 4r`` and a batch, or a single draw with ``r >= 64``: Cholesky QR,
+      ``Q = G L^{-T}`` with ``L = chol(GᵀG)``, whose
       ``R = Lᵀ`` has a positive diagonal by construction.  A Gaussian ``n×r``
       with ``n >= 4r`` has condition number about ``(√n+√r)/(√n−√r) <= 3``, so
       the loss of orthogonality ``~κ² ε`` stays at rounding level.  It is all
@@ -148,7 +149,9 @@ class HaarStiefel(Projector):
       Should the Cholesky factorisation fail, the draw falls back to the route
       below.
     * otherwise: Householder QR (``torch.linalg.qr``) and columns multiplied by
-      ``sign(diag R)``.
+      ``sign(diag R)``.  For a single small draw this is what
+      ``torch.nn.init.orthogonal_`` does, and the few small kernels of the
+      Cholesky route cost more than they save there (measured with 2 threads).
 
     ``VᵀV = c (n/r) I_r`` exactly, so ``E[(VVᵀ)²] = c² (n/r) I``: minimax optimal
     (theory.md §5).
@@ -164,13 +167,18 @@ class HaarStiefel(Projector):
 
     family = "haar"
 
-    #: Cholesky QR is used when ``n >= CHOLESKY_QR_RATIO * r`` (see Notes).
+    #: Cholesky QR needs ``n >= CHOLESKY_QR_RATIO * r`` (see Notes).
     CHOLESKY_QR_RATIO = 4
+    #: ... and is used for single draws from this rank on (batches: any rank).
+    CHOLESKY_QR_MIN_RANK = 64
 
     def _sample(self, batch_shape, generator, device, dtype):
         G = torch.randn(*batch_shape, self.n, self.r, generator=generator, device=device, dtype=dtype)
         scale = math.sqrt(self.c * self.n / self.r)
-        if self.n >= self.CHOLESKY_QR_RATIO * self.r:
+        cholesky = self.n >= self.CHOLESKY_QR_RATIO * self.r and (
+            len(batch_shape) > 0 or self.r >= self.CHOLESKY_QR_MIN_RANK
+        )
+        if cholesky:
             # Q = G R⁻¹ with R = Lᵀ, L = chol(GᵀG): the thin QR with diag R > 0
             L, info = torch.linalg.cholesky_ex(G.mT @ G)
             if not bool(info.any()):

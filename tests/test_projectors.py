@@ -43,9 +43,12 @@ def test_optimal_families_have_exact_gram(cls, n, r, c, batch_shape, dtype, tol)
 
 
 @pytest.mark.parametrize("batch_shape", [(), (3,)])
-@pytest.mark.parametrize("n,r", [(64, 4), (40, 10), (12, 5)])
+@pytest.mark.parametrize("n,r", [(64, 4), (40, 10), (12, 5), (256, 64)])
 def test_both_qr_routes_give_householder_q_with_positive_r(n, r, batch_shape):
-    """The sampled frame equals the Q of Householder QR after Mezzadri's sign fix, to rounding."""
+    """The sampled frame equals the Q of Householder QR after Mezzadri's sign fix, to rounding.
+
+    Covers both routes: Cholesky QR (batches with n >= 4r; the single draw at r = 64)
+    and Householder QR (single draws with r < 64; n < 4r)."""
     V = HaarStiefel(n, r).sample(batch_shape=batch_shape, generator=torch.Generator().manual_seed(7),
                                  dtype=torch.float64)
     G = torch.randn(*batch_shape, n, r, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
