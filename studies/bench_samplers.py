@@ -30,9 +30,9 @@ COLUMNS = ["n", "r", "batch", "method", "time_s", "time_min_s", "repeats", "thre
 KEYS = ["n", "r", "batch"]
 
 
-def _time_interleaved(fns: dict, repeats: int, min_time: float = 0.02) -> dict:
+def _time_interleaved(fns: dict, repeats: int, min_time: float = 0.05) -> dict:
     """Seconds per call of each function: ``repeats`` rounds, methods interleaved
-    within a round; each measurement loops a callable enough times (as
+    within a round in a rotating order; each measurement loops a callable enough times (as
     ``timeit.autorange`` does) to last about ``min_time`` seconds."""
     number = {}
     for k, f in fns.items():  # warm-up and calibration
@@ -41,8 +41,11 @@ def _time_interleaved(fns: dict, repeats: int, min_time: float = 0.02) -> dict:
         f()
         number[k] = max(1, int(np.ceil(min_time / max(time.perf_counter() - t0, 1e-7))))
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        # rotate the order each round so no method always runs first (cache, clock effects)
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            f = fns[k]
             t0 = time.perf_counter()
             for _ in range(number[k]):
                 f()
