@@ -17,23 +17,12 @@ from estimators.estimate import estimate
 from estimators.ipa import ipa_grad_B, ipa_replications
 from estimators.lowrank import convert
 from estimators.models import MLP, example1, squared_loss
+from _estimator_helpers import FixedSubspace
 from theory.testing import mean_test, unbiasedness_test
 
 FAMILIES = ["haar", "coordinate", "coordinate_replace", "gaussian", "rademacher"]
 N_BATCH = 4
 RANK = 2
-
-
-class FixedSubspace(Projector):
-    """MUTANT: always the first r coordinates, scaled by √(cn/r) — E[VVᵀ] ≠ cI (a frozen subspace)."""
-
-    family = None
-
-    def _sample(self, batch_shape, generator, device, dtype):
-        V = torch.zeros(*batch_shape, self.n, self.r, device=device, dtype=dtype)
-        idx = torch.arange(self.r, device=device)
-        V[..., idx, idx] = (self.c * self.n / self.r) ** 0.5
-        return V
 
 
 class Recording(Projector):

@@ -17,47 +17,15 @@ from estimators.estimate import estimate
 from estimators.lowrank import convert
 from estimators.lr import lr_grad_B
 from estimators.models import MLP, linear_regression, squared_loss
+from _estimator_helpers import FixedSubspace, _one_thread, linear, replications  # noqa: F401
 from theory.testing import unbiasedness_test
 
 N_BATCH, RANK, SIGMA = 4, 2, 0.5
 
 
-class FixedSubspace(Projector):
-    """MUTANT: always the first r coordinates scaled by √(cn/r), so E[VVᵀ] ≠ cI (a frozen subspace)."""
-
-    family = None
-
-    def _sample(self, batch_shape, generator, device, dtype):
-        V = torch.zeros(*batch_shape, self.n, self.r, device=device, dtype=dtype)
-        idx = torch.arange(self.r, device=device)
-        V[..., idx, idx] = (self.c * self.n / self.r) ** 0.5
-        return V
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny LAPACK calls (QR of 5×2) are ~100× slower with 2 threads on this shared machine; results do not change
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def linear():
-    model, pop = linear_regression(5, 3, population=10, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
-    truth = pop.exact_gradient(model, squared_loss)["fc.weight"]
-    return model, pop, truth
-
-
 def _reps(linear, gen, R, *, projector=None, share=True, **opts):
-    model, pop, _ = linear
-    rank = RANK if isinstance(projector, str) else None
-    return torch.stack([
-        estimate(model, squared_loss, pop.sample(N_BATCH, generator=gen), method="lr", projector=projector, rank=rank,
-                 share_projection=share, generator=gen, sigma=SIGMA, **opts)["fc.weight"]
-        for _ in range(R)
-    ])
+    return replications(linear, gen, R, method="lr", n_batch=N_BATCH, rank=RANK, projector=projector,
+                        share=share, sigma=SIGMA, **opts)
 
 
 OPTIONS = {
