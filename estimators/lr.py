@@ -31,6 +31,7 @@ from theory._checks import check_positive
 
 from ._checks import check_generator
 from .estimate import call_loss, check_batch_dim, finite_or_raise, fresh_generator, hooks, lift, lowrank_targets
+from ._random import draw_normal
 
 __all__ = ["lr_estimate", "lr_grad_B"]
 
@@ -59,8 +60,7 @@ def _weights(losses, baseline):
     return losses - baseline
 
 
-def _draw_normal(shape, generator, like):
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+_draw_normal = draw_normal  # module attribute, so tests can substitute a mutant
 
 
 def _lr_core(model, loss_fn, batch, targets, *, share_projection, generator, sigma, antithetic, baseline):

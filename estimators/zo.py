@@ -30,6 +30,7 @@ from theory._checks import check_positive
 
 from ._checks import check_generator
 from .estimate import call_loss, finite_or_raise, fresh_generator, hooks, lift, lowrank_targets
+from ._random import draw_normal
 
 __all__ = ["zo_estimate", "zo_grad_B"]
 
@@ -48,9 +49,7 @@ def _check_zo_baseline(baseline, two_point):
     return float(baseline)
 
 
-def _draw_direction(shape, generator, like):
-    """I.i.d. ``N(0, 1)`` directions on ``like``'s device and dtype."""
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+_draw_direction = draw_normal  # module attribute, so tests can substitute a mutant
 
 
 def _zo_core(model, loss_fn, batch, targets, *, share_projection, generator, mu, two_point, baseline):
